@@ -1,0 +1,135 @@
+"""Linear maps applied at every step of a time loop, with their weight gradients batched.
+
+Dimensions: b batch, t time steps, i inputs, o outputs.
+
+Autograd computes a weight's gradient at every step, as a small (o x b) @ (b x i) product,
+and adds it into the running gradient: 2T small products and T full-size additions per
+weight. `Affine(weight, bias)` computes the same value (sum_t g_t^T x_t) with one large
+product, once the backward pass has visited every step:
+
+    step_map = Affine(weight, bias)   # once per sequence; weight may be any (o, i) tensor,
+    for t in range(T):                # e.g. columns of several modules' weights concatenated
+        y = step_map(x_t)             # x_t W^T + b; backward: only dL/dx_t per step
+    loss.backward()                   # at the end: dW = G^T X with G, X stacked over steps
+
+How: `Affine` passes the weight and bias once through `_Tap`, an identity whose backward
+runs after all of its consumers' (autograd's topological order). The per-step function
+`_StepAffine` returns no weight gradient; it keeps (x_t, g_t) on the tap's list, and the
+tap's backward turns the list into the weight and bias gradients. With gradients off, or
+when the weight needs none, an Affine is a plain addmm.
+
+`StepLinear` is a module holding (weight, bias) like torch.nn.Linear (weight (o, i)); inside
+`with unrolled(model):` every StepLinear of the model batches its weight gradient this way.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Function
+
+__all__ = ["Affine", "StepLinear", "unrolled"]
+
+
+class _Tap(Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Tensor, stash: list) -> tuple[Tensor, Tensor]:
+        ctx.stash = stash
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight), bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, *_unused):
+        stash = ctx.stash
+        if not stash:
+            return None, None, None
+        xs = torch.cat([x for x, _ in stash])  # (t*b, i)
+        gs = torch.cat([g for _, g in stash])  # (t*b, o)
+        stash.clear()
+        return gs.t() @ xs, gs.sum(0), None  # (o, i), like torch.nn.Linear's weight
+
+
+class _StepAffine(Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, extra: Tensor | None, stash: list) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stash = stash
+        ctx.has_extra = extra is not None
+        return torch.addmm(bias if extra is None else extra + bias, x, weight.t())
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.stash.append((x, g))
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        return gx, None, None, (g if ctx.has_extra else None), None
+
+
+class Affine:
+    """x W^T + b (+ extra) at every step of a loop, with the weight gradient batched.
+
+    weight (o, i) and bias (o,) may be any tensors (parameters, slices or concatenations
+    of parameters); create the Affine once per sequence, call it at every step with
+    x (b, i) and an optional extra (b, o) term added to the result.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor):
+        self.batched = torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)
+        if self.batched:
+            self.stash: list = []
+            self.weight, self.bias = _Tap.apply(weight, bias, self.stash)
+        else:
+            self.weight, self.bias = weight, bias
+
+    def __call__(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        if self.batched and torch.is_grad_enabled():
+            return _StepAffine.apply(x, self.weight, self.bias, extra, self.stash)
+        return torch.addmm(self.bias if extra is None else extra + self.bias, x, self.weight.t())
+
+
+class StepLinear(nn.Module):
+    """y = x W^T + b (+ extra), with W stored (out, in) like torch.nn.Linear.
+
+    Inside `unrolled(...)` its weight gradient is batched over the steps of the loop
+    (see the module docstring); elsewhere it is an ordinary linear layer, also for inputs
+    with leading time dimensions (..., in).
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0  # torch.nn.Linear's init
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+        self._affine: Affine | None = None
+
+    def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        """x (..., in) -> (..., out); extra (..., out), if given, is added."""
+        if x.dim() == 2:
+            if self._affine is not None:
+                return self._affine(x, extra)
+            return torch.addmm(self.bias if extra is None else extra + self.bias, x, self.weight.t())
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        return y if extra is None else y + extra
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+@contextmanager
+def unrolled(*modules: nn.Module) -> Iterator[None]:
+    """Batch the weight gradients of every StepLinear in `modules` for the loop inside."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, StepLinear)]
+    try:
+        for layer in layers:
+            layer._affine = Affine(layer.weight, layer.bias)
+        yield
+    finally:
+        for layer in layers:
+            layer._affine = None
