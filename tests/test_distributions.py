@@ -1,0 +1,86 @@
+"""Likelihood heads against their densities written out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from seqvae.distributions import make_head
+
+
+def test_bernoulli_log_prob_by_hand():
+    head = make_head("bernoulli")
+    logits = torch.tensor([[0.3, -2.0, 1.5]], dtype=torch.float64)
+    x = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    p = torch.sigmoid(logits)
+    want = (x * p.log() + (1 - x) * (1 - p).log()).sum(-1)
+    torch.testing.assert_close(head(logits).log_prob(x), want)
+    torch.testing.assert_close(head.mean(logits), p)
+    assert head.num_params(3) == 3
+
+
+def test_gaussian_log_prob_by_hand_with_scale_floor():
+    head = make_head("gaussian", min_scale=0.01)
+    loc = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
+    raw = torch.tensor([[-50.0, 0.3]], dtype=torch.float64)  # the first scale hits the floor
+    x = torch.tensor([[0.52, 0.0]], dtype=torch.float64)
+    s = torch.nn.functional.softplus(raw) + 0.01
+    want = (-0.5 * ((x - loc) / s) ** 2 - s.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    torch.testing.assert_close(head(torch.cat([loc, raw], -1)).log_prob(x), want)
+    assert s[0, 0].item() == pytest.approx(0.01)
+
+
+def test_gaussian_sigmoid_mean_for_images():
+    head = make_head("gaussian", mean="sigmoid")
+    params = torch.tensor([[0.0, 2.0, 0.0, 0.0]])
+    torch.testing.assert_close(head.mean(params), torch.sigmoid(torch.tensor([[0.0, 2.0]])))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        head.check(torch.tensor([[0.5, 1.5]]))
+
+
+def test_mixture_log_prob_by_hand():
+    head = make_head("mixture", components=2, min_scale=1e-3)
+    d = 2
+    torch.manual_seed(0)
+    params = torch.randn(3, head.num_params(d), dtype=torch.float64)
+    x = torch.randn(3, d, dtype=torch.float64)
+    logits, loc, raw = params[:, :2], params[:, 2:6].view(3, 2, d), params[:, 6:].view(3, 2, d)
+    scale = torch.nn.functional.softplus(raw) + 1e-3
+    comp = (-0.5 * ((x[:, None] - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    want = torch.logsumexp(logits.log_softmax(-1) + comp, -1)
+    torch.testing.assert_close(head(params).log_prob(x), want)
+    torch.testing.assert_close(head.mean(params), (logits.softmax(-1)[..., None] * loc).sum(1))
+
+
+def test_strokes_bivariate_density_by_hand():
+    # Graves (2013) eqs 24-25: N(x | mu, s1, s2, rho) = exp(-Z / (2 (1 - rho^2))) / (2 pi s1 s2 sqrt(1 - rho^2))
+    head = make_head("strokes", components=2, min_scale=1e-3)
+    torch.manual_seed(1)
+    params = torch.randn(4, head.num_params(3), dtype=torch.float64)
+    x = torch.cat([torch.randn(4, 2, dtype=torch.float64), torch.tensor([[0.0], [1.0], [1.0], [0.0]], dtype=torch.float64)], -1)
+    k = 2
+    logits, mu = params[:, :k], params[:, k : 3 * k].view(4, k, 2)
+    s = torch.nn.functional.softplus(params[:, 3 * k : 5 * k].view(4, k, 2)) + 1e-3
+    rho = torch.tanh(params[:, 5 * k : 6 * k]) * (1 - 1e-5)
+    eos = params[:, 6 * k]
+    d1 = (x[:, None, 0] - mu[..., 0]) / s[..., 0]
+    d2 = (x[:, None, 1] - mu[..., 1]) / s[..., 1]
+    z = d1**2 + d2**2 - 2 * rho * d1 * d2
+    log_n = -z / (2 * (1 - rho**2)) - torch.log(2 * math.pi * s[..., 0] * s[..., 1] * torch.sqrt(1 - rho**2))
+    log_offsets = torch.logsumexp(logits.log_softmax(-1) + log_n, -1)
+    p_eos = torch.sigmoid(eos)
+    want = log_offsets + x[:, 2] * p_eos.log() + (1 - x[:, 2]) * (1 - p_eos).log()
+    dist = head(params)
+    torch.testing.assert_close(dist.log_prob(x), want)
+    assert dist.sample().shape == (4, 3) and dist.event_shape == (3,)
+
+
+def test_heads_refuse_data_they_cannot_score():
+    with pytest.raises(ValueError, match="not binary"):
+        make_head("bernoulli").check(torch.tensor([[0.0, 0.5]]))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        make_head("gaussian").check(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="end-of-stroke"):
+        make_head("strokes").check(torch.tensor([[0.1, 0.2, 0.5]]))
+    with pytest.raises(ValueError, match="unknown output distribution"):
+        make_head("poisson")
