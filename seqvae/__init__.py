@@ -1,0 +1,19 @@
+"""seqvae: recurrent latent-variable generative models in PyTorch.
+
+    seqvae.DRAW      DRAW (Gregor et al. 2015) with "none" or "filterbank" read and write heads
+    seqvae.VRNN      the variational RNN (Chung et al. 2015); prior="standard" gives VRNN-I
+    seqvae.RNN       an RNN baseline with the same output heads and no latent variables
+    seqvae.elbo, seqvae.iwae_bound, seqvae.fivo_bound, seqvae.log_likelihood
+                     per-example bounds and estimates of log p(x), in nats
+
+Submodules: attention (filterbank maths), distributions (likelihood heads), cells, objectives,
+data, train, viz, cli. Importing seqvae does no work beyond importing torch and einops.
+"""
+
+from . import attention
+from .draw import DRAW
+from .objectives import elbo, fivo_bound, iwae_bound, log_likelihood
+from .vrnn import RNN, VRNN
+
+__all__ = ["DRAW", "VRNN", "RNN", "elbo", "iwae_bound", "fivo_bound", "log_likelihood", "attention"]
+__version__ = "0.1.0"

@@ -1,0 +1,294 @@
+"""DRAW: a recurrent VAE that draws an image on a canvas, glimpse by glimpse.
+
+Gregor, Danihelka, Graves, Rezende & Wierstra (2015), "DRAW: A Recurrent Neural Network
+For Image Generation", section 2. For t = 1..T (paper eqs 3-8):
+
+    x^_t    = x - sigmoid(c_{t-1})                       error image
+    r_t     = read(x, x^_t, h^dec_{t-1})                 read head (attention.py)
+    h^enc_t = LSTM^enc(h^enc_{t-1}, [r_t, h^dec_{t-1}])
+    z_t     ~ q(z_t | h^enc_t) = N(mu_t, sigma_t^2 I),   mu_t = W h^enc_t, sigma_t = exp(W' h^enc_t)
+    h^dec_t = LSTM^dec(h^dec_{t-1}, z_t)
+    c_t     = c_{t-1} + write(h^dec_t)                   write head (attention.py)
+
+and x is scored once, by D(x | c_T) (a Bernoulli on the logits c_T for binary images, or a
+Gaussian for grey/colour images in [0, 1]). The prior is p(z_t) = N(0, I) at every step; the
+KL term is analytic per step (see terms.py). Generation runs the decoder alone: z_t ~ N(0, I),
+h^dec_t = LSTM^dec(h^dec_{t-1}, z_t), c_t = c_{t-1} + write(h^dec_t).
+
+The initial canvas c_0 and initial LSTM states are learned biases (initialised at zero).
+The sigmoid in x^_t is applied to the mean channels of the canvas; for a Gaussian likelihood
+the canvas has two channels per image channel (mean logits, then scale), written by the
+same write head.
+
+Dimensions: b batch, t glimpse steps, c channels, h w image height and width,
+z latent units, d hidden units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Independent, Normal
+
+from .attention import HEADS, AttentionParams, make_read_head, make_write_head
+from .cells import CellState, LSTMCell
+from .linear import StepLinear, unrolled
+from .configs import check
+from .distributions import make_head
+from .terms import Terms, standard_normal_like
+
+__all__ = ["DRAW", "DrawConfig", "DrawState", "DrawStep", "DrawTrace", "IMAGE_LIKELIHOODS"]
+
+IMAGE_LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+@dataclass
+class DrawConfig:
+    """Everything that defines a DRAW network; `DRAW.from_config(cfg)` rebuilds it."""
+
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    steps: int = 64
+    hidden_size: int = 256
+    z_size: int = 100
+    read: str = "filterbank"
+    write: str = "filterbank"
+    read_size: int = 2
+    write_size: int = 5
+    likelihood: str = "bernoulli"
+
+    def validate(self) -> "DrawConfig":
+        c, h, w = self.image_shape
+        check(c >= 1 and h >= 1 and w >= 1, f"model.image_shape must be 3 positive sizes (C, H, W), got {self.image_shape}")
+        check(self.steps >= 1, f"model.steps (T) must be at least 1, got {self.steps}")
+        check(self.hidden_size >= 1, f"model.hidden_size must be at least 1, got {self.hidden_size}")
+        check(self.z_size >= 1, f"model.z_size must be at least 1, got {self.z_size}")
+        for key in ("read", "write"):
+            value = getattr(self, key)
+            check(value in HEADS, f"model.{key} must be one of {', '.join(HEADS)}, got {value!r}")
+            if value == "filterbank":
+                n = getattr(self, f"{key}_size")
+                check(
+                    1 <= n <= max(h, w),
+                    f"model.{key}_size (N) must lie in 1..{max(h, w)} for a {h}x{w} image, got {n}",
+                )
+        check(
+            self.likelihood in IMAGE_LIKELIHOODS,
+            f"model.likelihood must be one of {', '.join(IMAGE_LIKELIHOODS)}, got {self.likelihood!r}",
+        )
+        return self
+
+
+class DrawState(NamedTuple):
+    """The recurrent state between glimpses (every tensor has the batch first)."""
+
+    canvas: Tensor  # (b, p*c, h, w) canvas c_t (p = likelihood parameters per pixel)
+    h_enc: Tensor  # (b, d)
+    c_enc: Tensor  # (b, d)
+    h_dec: Tensor  # (b, d)
+    c_dec: Tensor  # (b, d)
+
+
+class DrawStep(NamedTuple):
+    """What one glimpse produced."""
+
+    z: Tensor  # (b, z)
+    loc: Tensor  # (b, z) posterior mean (zeros when generating from the prior)
+    scale: Tensor  # (b, z) posterior standard deviation (ones when generating)
+    read: AttentionParams | None  # None for the "none" head and when generating
+    write: AttentionParams | None
+
+
+@dataclass
+class DrawTrace:
+    """A whole reconstruction or generation, step by step, for looking inside.
+
+    canvases: (b, t, c, h, w) the mean image sigmoid(c_t) after each step t = 1..T;
+    read / write: AttentionParams of (b, t) tensors (None for a "none" head; read is None
+    when generating); loc, scale: (b, t, z) posterior parameters (prior's when generating).
+    """
+
+    canvases: Tensor
+    read: AttentionParams | None
+    write: AttentionParams | None
+    loc: Tensor
+    scale: Tensor
+
+    @property
+    def images(self) -> Tensor:
+        """The final mean images, (b, c, h, w)."""
+        return self.canvases[:, -1]
+
+
+def _stack_att(atts: list[AttentionParams | None]) -> AttentionParams | None:
+    if not atts or atts[0] is None:
+        return None
+    return AttentionParams(*(torch.stack(field, dim=1) for field in zip(*atts)))
+
+
+class DRAW(nn.Module):
+    """DRAW with read and write heads chosen by name ("none" or "filterbank").
+
+    Keyword arguments mirror `DrawConfig`; each head has its own parameters and its own N.
+    """
+
+    sequential = False  # one image per example, not a sequence: no lengths, no masks
+
+    def __init__(
+        self,
+        *,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        steps: int = 64,
+        hidden_size: int = 256,
+        z_size: int = 100,
+        read: str = "filterbank",
+        write: str = "filterbank",
+        read_size: int = 2,
+        write_size: int = 5,
+        likelihood: str = "bernoulli",
+    ):
+        super().__init__()
+        self.config = DrawConfig(
+            tuple(int(s) for s in image_shape), steps, hidden_size, z_size, read, write, read_size, write_size, likelihood
+        ).validate()
+        c, h, w = self.config.image_shape
+        self.image_shape = (c, h, w)
+        self.steps = steps
+        self.z_size = z_size
+        self.likelihood = make_head(likelihood, mean="sigmoid", min_scale=1.0 / 256)
+        self.params_per_pixel = self.likelihood.num_params(1)
+        canvas_shape = (c * self.params_per_pixel, h, w)
+
+        self.read_head = make_read_head(read, image_shape=self.image_shape, hidden_size=hidden_size, n=read_size)
+        self.encoder = LSTMCell(self.read_head.out_size + hidden_size, hidden_size)
+        self.posterior_net = StepLinear(hidden_size, 2 * z_size)  # q(z_t | h^enc_t): mu, log sigma
+        self.decoder = LSTMCell(z_size, hidden_size)
+        self.write_head = make_write_head(write, canvas_shape=canvas_shape, hidden_size=hidden_size, n=write_size)
+
+        # learned initial states c_0, h^enc_0, h^dec_0 (and the LSTM cells' c)
+        self.canvas0 = nn.Parameter(torch.zeros(canvas_shape))
+        self.state0 = nn.Parameter(torch.zeros(4, hidden_size))
+
+    @classmethod
+    def from_config(cls, config: DrawConfig) -> "DRAW":
+        return cls(**vars(config))
+
+    # ------------------------------------------------------------------ recurrent contract
+    def initial_state(self, batch_size: int) -> DrawState:
+        canvas = self.canvas0.expand(batch_size, *self.canvas0.shape)
+        h_enc, c_enc, h_dec, c_dec = (s.expand(batch_size, -1) for s in self.state0)
+        return DrawState(canvas, h_enc, c_enc, h_dec, c_dec)
+
+    def mean_image(self, canvas: Tensor) -> Tensor:
+        """The likelihood's mean image for a canvas: sigmoid(c) of the mean channels, (b, c, h, w)."""
+        b = canvas.shape[0]
+        return self.likelihood.mean(canvas.reshape(b, -1)).view(b, *self.image_shape)
+
+    def step(self, x: Tensor, state: DrawState) -> tuple[DrawStep, DrawState]:
+        """One glimpse of inference: read x, encode, sample z_t from q, decode, write (eqs 3-8)."""
+        x_hat = x - self.mean_image(state.canvas)
+        r, read_att = self.read_head(x, x_hat, state.h_dec)
+        h_enc, c_enc = self.encoder(torch.cat([r, state.h_dec], dim=1), CellState(state.h_enc, state.c_enc))
+        loc, log_scale = self.posterior_net(h_enc).chunk(2, dim=-1)
+        scale = log_scale.exp()
+        z = torch.addcmul(loc, scale, torch.randn_like(loc))  # fresh noise at every step
+        h_dec, c_dec, canvas, write_att = self._decode(z, state)
+        return DrawStep(z, loc, scale, read_att, write_att), DrawState(canvas, h_enc, c_enc, h_dec, c_dec)
+
+    def generate_step(self, state: DrawState) -> tuple[DrawStep, DrawState]:
+        """One step of generation: z_t ~ N(0, I) through the decoder alone."""
+        z = torch.randn(state.h_dec.shape[0], self.z_size, device=state.h_dec.device, dtype=state.h_dec.dtype)
+        h_dec, c_dec, canvas, write_att = self._decode(z, state)
+        return (
+            DrawStep(z, torch.zeros_like(z), torch.ones_like(z), None, write_att),
+            DrawState(canvas, state.h_enc, state.c_enc, h_dec, c_dec),
+        )
+
+    def _decode(self, z: Tensor, state: DrawState):
+        h_dec, c_dec = self.decoder(z, CellState(state.h_dec, state.c_dec))
+        update, write_att = self.write_head(h_dec)
+        return h_dec, c_dec, state.canvas + update, write_att
+
+    # ------------------------------------------------------------------ what objectives use
+    def check_input(self, x: Tensor) -> None:
+        """Raise ValueError unless x is a batch of images this model can score."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        c, h, w = self.image_shape
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            hint = ""
+            if x.dim() == 4 and x.shape[2:] == (h, w) and x.shape[1] != c:
+                hint = f" (the model was built for {c} channel(s), the data has {x.shape[1]})"
+            raise ValueError(
+                f"expected images of shape (batch, {c}, {h}, {w}), got {tuple(x.shape)}{hint}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("expected at least one image, got an empty batch")
+        if not x.is_floating_point():
+            raise ValueError(f"expected floating-point images, got dtype {x.dtype}; convert with x.float()")
+        self.likelihood.check(x, "the images")
+
+    def terms(self, x: Tensor, *, mask: None = None, state: None = None) -> tuple[Terms, DrawState]:
+        """Run inference on x (b, c, h, w): the per-step terms for the objectives, and the
+        state after the last glimpse. (mask and state exist for sequence models only.)"""
+        if mask is not None or state is not None:
+            raise ValueError("DRAW scores whole images: lengths, masks and carried states do not apply")
+        self.check_input(x)
+        steps, state = self._unroll(x, x.shape[0], record=False)[:2]
+        loc = torch.stack([s.loc for s in steps], dim=1)  # (b, t, z)
+        scale = torch.stack([s.scale for s in steps], dim=1)
+        z = torch.stack([s.z for s in steps], dim=1)
+        log_px = self.likelihood(state.canvas.flatten(1)).log_prob(x.flatten(1))[:, None]  # (b, 1)
+        return Terms(log_px, Independent(Normal(loc, scale), 1), standard_normal_like(loc), z), state
+
+    def forward(self, x: Tensor) -> tuple[Terms, DrawState]:
+        return self.terms(x)
+
+    # ------------------------------------------------------------------ looking inside
+    def _unroll(self, x: Tensor | None, n: int, record: bool):
+        """The one time loop: inference when x is given, generation from the prior otherwise."""
+        state = self.initial_state(n)
+        steps, canvases = [], []
+        with unrolled(self):  # weight gradients once per sequence, not once per step
+            for _ in range(self.steps):
+                out, state = self.step(x, state) if x is not None else self.generate_step(state)
+                steps.append(out)
+                if record:
+                    canvases.append(self.mean_image(state.canvas))
+        return steps, state, canvases
+
+    def _trace(self, x: Tensor | None, n: int) -> DrawTrace:
+        steps, _, canvases = self._unroll(x, n, record=True)
+        return DrawTrace(
+            canvases=torch.stack(canvases, dim=1),
+            read=_stack_att([s.read for s in steps]),
+            write=_stack_att([s.write for s in steps]),
+            loc=torch.stack([s.loc for s in steps], dim=1),
+            scale=torch.stack([s.scale for s in steps], dim=1),
+        )
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> DrawTrace:
+        """Canvases, read/write attention and posteriors of x, step by step."""
+        self.check_input(x)
+        return self._trace(x, x.shape[0])
+
+    @torch.no_grad()
+    def generate(self, n: int) -> DrawTrace:
+        """n samples from the prior, step by step (canvases and write attention)."""
+        if n < 1:
+            raise ValueError(f"n must be a positive number of samples, got {n}")
+        return self._trace(None, n)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, mean: bool = True) -> Tensor:
+        """n images from the model, (n, c, h, w): the mean image sigmoid(c_T) by default, or a
+        draw from D(x | c_T) with mean=False."""
+        if n < 1:
+            raise ValueError(f"n must be a positive number of samples, got {n}")
+        _, state, _ = self._unroll(None, n, record=False)
+        if mean:
+            return self.mean_image(state.canvas)
+        return self.likelihood(state.canvas.flatten(1)).sample().view(n, *self.image_shape)

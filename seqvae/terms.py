@@ -1,0 +1,88 @@
+"""What a model hands to the objectives: per-step terms, never a loss.
+
+Dimensions: b batch, t observed steps, s latent steps, z latent units.
+
+A model's `terms(x, ...)` returns a `Terms`: the log-likelihood of the observations per
+step, and the approximate posterior q and prior p of the latent variables it sampled, per
+step, as `Independent(Normal(loc, scale), 1)` distributions with batch shape (b, s). The
+objectives (`seqvae.objectives`) turn these into bounds; a model knows nothing of them.
+
+For DRAW, t = 1 (the image is scored once, from the final canvas) and s = T glimpses.
+For sequence models t = s = sequence length and `mask` marks the real (unpadded) steps.
+A model without latent variables (the RNN baseline) has posterior = prior = z = None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.distributions import Independent, Normal, kl_divergence
+
+__all__ = ["Terms", "standard_normal_like"]
+
+
+@dataclass
+class Terms:
+    log_px: Tensor  # (b, t) log p(x_t | ...) of the observations, zero on padded steps
+    posterior: Independent | None = None  # q(z_s | ...), batch (b, s), event (z,)
+    prior: Independent | None = None  # p(z_s | ...), batch (b, s), event (z,)
+    z: Tensor | None = None  # (b, s, z) the sample drawn from q
+    mask: Tensor | None = None  # (b, s) True on real steps; None = all real
+
+    def _masked(self, values: Tensor) -> Tensor:
+        return values if self.mask is None else values * self.mask
+
+    def kl(self) -> Tensor:
+        """Analytic KL(q || p) per example and step, (b, s); zeros without latents."""
+        if self.posterior is None:
+            return self.log_px.new_zeros(self.log_px.shape[:2])
+        return self._masked(kl_divergence(self.posterior, self.prior))
+
+    def kl_per_unit(self) -> Tensor:
+        """Analytic KL per latent unit, (b, s, z) (the diagonal Gaussians factorise)."""
+        if self.posterior is None:
+            return self.log_px.new_zeros(*self.log_px.shape[:2], 0)
+        kl = kl_divergence(self.posterior.base_dist, self.prior.base_dist)
+        return kl if self.mask is None else kl * self.mask[..., None]
+
+    def log_ratio(self) -> Tensor:
+        """log p(z_s | ...) - log q(z_s | ...) at the sampled z, (b, s): the Monte Carlo KL's negative."""
+        if self.posterior is None:
+            return self.log_px.new_zeros(self.log_px.shape[:2])
+        return self._masked(self.prior.log_prob(self.z) - self.posterior.log_prob(self.z))
+
+    def log_weight(self, beta: float = 1.0) -> Tensor:
+        """Per-example log importance weight log p(x, z) - log q(z | x), summed over steps: (b,).
+
+        beta scales the latent part (KL warm-up); beta = 1 is the true weight.
+        """
+        lw = self.log_px.sum(-1)
+        if self.posterior is not None:
+            lw = lw + beta * self.log_ratio().sum(-1)
+        return lw
+
+    def detach(self) -> "Terms":
+        """A copy with every tensor detached (for diagnostics that must not hold the graph)."""
+
+        def d(dist: Independent | None) -> Independent | None:
+            if dist is None:
+                return None
+            base = dist.base_dist
+            return Independent(type(base)(base.loc.detach(), base.scale.detach()), 1)
+
+        return Terms(
+            self.log_px.detach(),
+            d(self.posterior),
+            d(self.prior),
+            None if self.z is None else self.z.detach(),
+            self.mask,
+        )
+
+
+def standard_normal_like(loc: Tensor) -> Independent:
+    """N(0, I) with the batch shape of loc (..., z): the fixed prior of DRAW and VRNN-I."""
+    zeros = torch.zeros((), dtype=loc.dtype, device=loc.device).expand_as(loc)
+    ones = torch.ones((), dtype=loc.dtype, device=loc.device).expand_as(loc)
+    return Independent(Normal(zeros, ones), 1)

@@ -1,0 +1,127 @@
+"""VRNN and RNN: the batched path equals the stepwise path, masks, shapes and gradients across
+cells x outputs x objectives, bad input."""
+
+import itertools
+
+import pytest
+import torch
+
+import seqvae
+from seqvae.sequences import where_state
+from seqvae.vrnn import RNN, VRNN
+
+
+def data_for(output, b=4, t=7, x_dim=6):
+    torch.manual_seed(0)
+    if output == "bernoulli":
+        return (torch.rand(b, t, x_dim) > 0.5).float()
+    if output == "strokes":
+        return torch.cat([torch.randn(b, t, 2), (torch.rand(b, t, 1) > 0.8).float()], -1)
+    return torch.randn(b, t, x_dim)
+
+
+def model_for(kind, output, cell="gru", prior="learned", x_dim=6):
+    x_dim = 3 if output == "strokes" else x_dim
+    common = dict(x_dim=x_dim, hidden_size=8, cell=cell, output=output, components=3)
+    return VRNN(z_size=3, prior=prior, **common) if kind == "vrnn" else RNN(**common)
+
+
+LENGTHS = torch.tensor([7, 5, 2, 7])
+
+
+@pytest.mark.parametrize("kind,cell,prior", [("vrnn", c, p) for c in ("gru", "lstm") for p in ("learned", "standard")] + [("rnn", "gru", None), ("rnn", "lstm", None)])
+def test_batched_path_equals_stepwise_path(kind, cell, prior):
+    model = model_for(kind, "bernoulli", cell, prior or "learned").double()
+    x = data_for("bernoulli").double()
+    mask = torch.arange(7)[None] < LENGTHS[:, None]
+    torch.manual_seed(1)
+    terms, final = model.terms(x, mask=mask)
+    torch.manual_seed(1)
+    state, log_px, kl = model.initial_state(4), [], []
+    for t in range(7):
+        out, new = model.step(x[:, t], state)
+        state = where_state(mask[:, t], new, state)
+        log_px.append(out.log_px * mask[:, t])
+        kl.append(out.kl * mask[:, t])
+    torch.testing.assert_close(terms.log_px, torch.stack(log_px, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms.kl(), torch.stack(kl, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final.h, state.h, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["elbo", "iwae", "fivo"])
+def test_padding_changes_nothing(name):
+    model = model_for("vrnn", "gaussian").double()
+    x = data_for("gaussian").double()
+    other = x.clone()
+    for i, n in enumerate(LENGTHS.tolist()):
+        other[i, n:] = torch.randn_like(other[i, n:]) * 100  # different padding
+    other[2, 4:] = float("nan")  # even NaN in the padding is never touched
+    fn = {"elbo": seqvae.elbo, "iwae": lambda m, x, lengths: seqvae.iwae_bound(m, x, k=3, lengths=lengths), "fivo": lambda m, x, lengths: seqvae.fivo_bound(m, x, k=3, lengths=lengths)}[name]
+    torch.manual_seed(2)
+    a = fn(model, x, lengths=LENGTHS)
+    torch.manual_seed(2)
+    b = fn(model, other, lengths=LENGTHS)
+    torch.testing.assert_close(a, b)
+    assert torch.isfinite(a).all()
+
+
+def test_rnn_log_likelihood_is_exact_and_equals_its_bounds():
+    model = model_for("rnn", "bernoulli").double()
+    x = data_for("bernoulli").double()
+    exact = seqvae.elbo(model, x, lengths=LENGTHS)
+    for value in (seqvae.iwae_bound(model, x, k=5, lengths=LENGTHS), seqvae.fivo_bound(model, x, k=5, lengths=LENGTHS), seqvae.log_likelihood(model, x, k=3, lengths=LENGTHS)):
+        torch.testing.assert_close(value, exact)
+
+
+@pytest.mark.parametrize(
+    "kind,cell,output,objective",
+    [(k, c, o, j) for k, c, o, j in itertools.product(["vrnn", "rnn"], ["gru", "lstm"], ["bernoulli", "gaussian", "mixture", "strokes"], ["elbo", "iwae", "fivo"]) if not (k == "rnn" and j != "elbo")],
+)
+def test_shapes_and_backward(kind, cell, output, objective):
+    model = model_for(kind, output, cell)
+    x = data_for(output, x_dim=model.config.x_dim)
+    fn = {"elbo": lambda: seqvae.elbo(model, x, lengths=LENGTHS), "iwae": lambda: seqvae.iwae_bound(model, x, k=2, lengths=LENGTHS), "fivo": lambda: seqvae.fivo_bound(model, x, k=2, lengths=LENGTHS)}[objective]
+    value = fn()
+    assert value.shape == (4,) and torch.isfinite(value).all()
+    value.sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    # phi_x's and the posterior's first layers feed both paths; every parameter gets a gradient
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    sample = model.sample(3, 5)
+    assert sample.shape == (3, 5, model.config.x_dim)
+
+
+def test_vrnn_i_has_no_prior_network_and_a_standard_prior():
+    model = model_for("vrnn", "bernoulli", prior="standard")
+    assert model.prior_net is None
+    terms, _ = model.terms(data_for("bernoulli"))
+    assert torch.all(terms.prior.base_dist.loc == 0) and torch.all(terms.prior.base_dist.scale == 1)
+
+
+def test_bad_input_is_a_clear_error():
+    model = model_for("vrnn", "bernoulli")
+    x = data_for("bernoulli")
+    with pytest.raises(ValueError, match="at least one step"):
+        seqvae.elbo(model, x, lengths=torch.tensor([7, 0, 2, 7]))
+    with pytest.raises(ValueError, match="sequences of length zero"):
+        seqvae.elbo(model, torch.zeros(4, 0, 6))
+    mask = torch.arange(7)[None] < LENGTHS[:, None]
+    with pytest.raises(ValueError, match="disagrees with the lengths"):
+        seqvae.elbo(model, x, lengths=torch.tensor([7, 4, 2, 7]), mask=mask)
+    with pytest.raises(ValueError, match="prefix"):
+        bad = mask.clone()
+        bad[0, 3] = False
+        seqvae.elbo(model, x, mask=bad)
+    with pytest.raises(ValueError, match="expects 6 features per time step, the data has 5"):
+        seqvae.elbo(model, x[..., :5])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        y = x.clone()
+        y[0, 0, 0] = float("inf")
+        seqvae.elbo(model, y)
+    with pytest.raises(ValueError, match="not binary"):
+        seqvae.elbo(model, x * 0.5)
+    with pytest.raises(ValueError, match=r"\(batch, time, features\)"):
+        seqvae.elbo(model, x[0])
+    with pytest.raises(ValueError, match="exceeds"):
+        seqvae.elbo(model, x, lengths=torch.tensor([8, 5, 2, 7]))
