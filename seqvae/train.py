@@ -1,0 +1,597 @@
+"""Training: the run config, the trainer (with truncated BPTT) and evaluation.
+
+Dimensions: b batch, t time, k samples.
+
+The trainer sees a model, an objective (objectives.bound) and batches; it never looks
+inside the model. One optimiser step per batch for images; for sequences with
+train.tbptt = L > 0, the time axis is split into chunks of L steps, the recurrent state
+(and, for IWAE and FIVO, the particles' states and accumulated log-weights: the objective's
+Carry) is carried from chunk to chunk and detached between them, with one optimiser step
+per chunk; everything resets with the next batch. Gradients are clipped before each
+optimiser step. A step whose loss or gradient norm is not finite is skipped and counted;
+after train.max_nonfinite such steps in a row the run stops, keeping its last checkpoint.
+
+Losses: images, -(bound per image) averaged over the batch (nats per image); sequences,
+-(sum of the bound over real steps) / (number of real steps in the chunk) (nats per time
+step). Under torch.distributed each rank's normaliser is the global count, so that the
+averaged gradients equal those of one process on the whole global batch.
+
+A run lives in runs/<name>/: config.json, metrics.jsonl (one JSON record per line),
+checkpoint.pt (everything needed to resume), best.pt (the model with the best validation
+bound), samples/epoch_NNN.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import configs, viz
+from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .configs import ConfigError, check
+from .data import DataConfig, DataError, ImageData, SequenceData, batches, load_dataset, num_batches
+from .draw import DRAW, DrawConfig
+from .objectives import Carry, ObjectiveConfig, bound, log_likelihood
+from .sequences import mask_from_lengths
+from .vrnn import RNN, VRNN, RNNConfig, VRNNConfig
+
+__all__ = ["TrainConfig", "RunConfig", "MODELS", "build_model", "Trainer", "evaluate", "load_run", "TrainingError"]
+
+MODELS = {"draw": (DRAW, DrawConfig), "vrnn": (VRNN, VRNNConfig), "rnn": (RNN, RNNConfig)}
+AMP = ("none", "bf16", "fp16")
+
+
+class TrainingError(Exception):
+    """A run that cannot start or continue (the message says why)."""
+
+
+@dataclass
+class TrainConfig:
+    """How to optimise."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    lr_decay: float = 1.0  # multiply the learning rate by this after every epoch
+    clip_grad: float = 10.0  # maximum global gradient norm; 0 = no clipping
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    amp: str = "none"  # mixed precision: none | bf16 | fp16 (fp16 on CUDA only)
+    seed: int = 0
+    tbptt: int = 0  # sequences: chunk length L for truncated BPTT; 0 = whole sequences
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    progress: bool = True  # progress bar
+    log_every: int = 50  # write a training record every N optimiser steps
+    checkpoint_every: int = 0  # also checkpoint every N batches within an epoch; 0 = at epoch ends only
+    max_nonfinite: int = 20  # stop after this many non-finite steps in a row
+    eval_k: int = 0  # validation: also compute the training bound with this many samples (0 = the objective's k)
+    samples: int = 64  # samples drawn into samples/epoch_NNN.png
+
+    def validate(self) -> "TrainConfig":
+        check(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
+        check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
+        check(0 < self.lr_decay <= 1, f"train.lr_decay must lie in (0, 1], got {self.lr_decay}")
+        check(self.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
+        check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        check(self.amp in AMP, f"train.amp must be one of {', '.join(AMP)}, got {self.amp!r}")
+        check(self.tbptt >= 0, f"train.tbptt must be >= 0 (0 = whole sequences), got {self.tbptt}")
+        check(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
+        check(self.log_every >= 1, f"train.log_every must be at least 1, got {self.log_every}")
+        check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        check(self.max_nonfinite >= 1, f"train.max_nonfinite must be at least 1, got {self.max_nonfinite}")
+        check(self.eval_k >= 0, f"train.eval_k must be >= 0, got {self.eval_k}")
+        check(self.samples >= 1, f"train.samples must be at least 1, got {self.samples}")
+        return self
+
+
+@dataclass
+class RunConfig:
+    """A whole run: which model and its config, the objective, the data, the optimiser."""
+
+    model_kind: str
+    model: Any
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        check(self.model_kind in MODELS, f"unknown model {self.model_kind!r}: expected one of {', '.join(MODELS)}")
+        self.model.validate()
+        self.objective.validate()
+        self.data.validate()
+        self.train.validate()
+        images = self.model_kind == "draw"
+        check(
+            images == (self.data.name in ("binarized_mnist", "mnist")),
+            f"model {self.model_kind} cannot train on data {self.data.name}: DRAW takes images "
+            "(binarized_mnist, mnist), VRNN and RNN take sequences (jsb_chorales, seq_mnist, npz)",
+        )
+        check(not images or self.objective.name != "fivo", "objective.name=fivo needs a sequence model (vrnn, rnn)")
+        check(not images or self.train.tbptt == 0, "train.tbptt applies to sequence models only")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return configs.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict) or data.get("model_kind") not in MODELS:
+            raise ConfigError(f"not a seqvae run config (model_kind must be one of {', '.join(MODELS)})")
+        model_cls = MODELS[data["model_kind"]][1]
+        rest = {k: v for k, v in data.items() if k not in ("model_kind", "model")}
+        cfg = configs.from_dict(_RunSections, rest)
+        model = configs.from_dict(model_cls, data.get("model", {}), prefix="model.")
+        return cls(data["model_kind"], model, cfg.objective, cfg.data, cfg.train)
+
+
+@dataclass
+class _RunSections:  # the sections of RunConfig that do not depend on the model kind
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_model(config: RunConfig) -> nn.Module:
+    """The model a run config describes (untrained)."""
+    return MODELS[config.model_kind][0].from_config(config.model)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name} but CUDA is not available on this machine; use cpu or auto")
+    return torch.device(name)
+
+
+def _dist():
+    """(rank, world_size) under torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    rank, world = _dist()
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator's state, as tensors and plain values (safe to torch.load)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        cuda = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda + [cuda[-1]] * (torch.cuda.device_count() - len(cuda)))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_run(run: str | os.PathLike, *, which: str = "best", map_location: str | torch.device = "cpu"):
+    """(RunConfig, model in eval mode, checkpoint payload) from a run folder or checkpoint file.
+
+    which: "best" (best.pt if present, else checkpoint.pt) or "last" (checkpoint.pt).
+    """
+    path = Path(run)
+    if path.is_dir():
+        candidates = (["best.pt"] if which == "best" else []) + ["checkpoint.pt"]
+        found = [path / c for c in candidates if (path / c).exists()]
+        if not found:
+            raise CheckpointError(f"{path} holds no checkpoint (expected best.pt or checkpoint.pt)")
+        path = found[0]
+    payload = load_checkpoint(path, map_location=map_location)
+    try:
+        config = RunConfig.from_dict(json.loads(payload["config"])).validate()
+        model = build_model(config)
+        model.load_state_dict(payload["model"])
+    except (KeyError, json.JSONDecodeError, ConfigError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is not a usable seqvae checkpoint ({type(err).__name__}: {err})") from None
+    model.to(map_location).eval()
+    return config, model, payload
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: ImageData | SequenceData,
+    *,
+    name: str = "elbo",
+    k: int = 1,
+    batch_size: int = 100,
+    device: torch.device | str = "cpu",
+    max_rows: int = 8192,
+) -> dict[str, float]:
+    """A bound ("elbo", "iwae", "fivo") or the log-likelihood estimate ("ll") over a data set.
+
+    Returns nats per example (`nats`), per time step for sequences (`nats_per_step`: the
+    sum over sequences divided by the number of steps, as the music literature reports) and
+    bits per dimension for images. Under torch.distributed each rank scores every
+    world_size-th batch and the sums are reduced across ranks.
+    """
+    rank, world = _dist()
+    model.eval()
+    total, examples, steps = 0.0, 0, 0
+    n = len(data)
+    starts = list(range(0, n, batch_size))[rank::world]
+    for start in starts:
+        index = torch.arange(start, min(start + batch_size, n))
+        batch = data.batch(index, torch.Generator().manual_seed(start))  # fixed draws for dynamic binarization
+        x = batch.x.to(device)
+        lengths = None if batch.lengths is None else batch.lengths.to(device)
+        if name == "ll":
+            values = log_likelihood(model, x, k=k, max_rows=max_rows, lengths=lengths)
+        else:
+            mask = None if lengths is None or bool((lengths == x.shape[1]).all()) else mask_from_lengths(lengths, x.shape[1])
+            values = bound(model, x, name=name, k=k, mask=mask)[0]
+        total += float(values.double().sum())
+        examples += x.shape[0]
+        steps += int(lengths.sum()) if lengths is not None else 0
+    total, examples, steps = _all_sum([total, examples, steps], torch.device(device))
+    out = {"bound": name, "k": k, "examples": int(examples), "nats": total / examples}
+    if isinstance(data, SequenceData):
+        out["nats_per_step"] = total / steps
+        out["steps"] = int(steps)
+    else:
+        dims = int(np.prod(data.image_shape))
+        out["bits_per_dim"] = -total / examples / (dims * math.log(2))
+    return out
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+class _Bound(nn.Module):
+    """The objective as a module, so that DistributedDataParallel sees a forward call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, **kwargs):
+        return bound(self.model, x, **kwargs)
+
+
+class Trainer:
+    """Trains one run; `fit()` runs it to the configured number of epochs."""
+
+    def __init__(self, config: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, log=print):
+        self.config = config.validate()
+        self.run_dir = Path(run_dir)
+        self.log = log
+        self.rank, self.world = _dist()
+        self.main = self.rank == 0
+        tc = config.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = _device(tc.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+            torch.cuda.set_device(self.device)
+        if tc.amp == "fp16" and self.device.type != "cuda":
+            raise TrainingError("train.amp=fp16 needs a CUDA device; use bf16 on CPU or amp=none")
+        if config.data.batch_size % self.world:
+            raise TrainingError(
+                f"data.batch_size={config.data.batch_size} (the global batch) must divide evenly over {self.world} processes"
+            )
+        self.local_batch = config.data.batch_size // self.world
+
+        checkpoint = self.run_dir / "checkpoint.pt"
+        if resume:
+            if not checkpoint.exists():
+                raise TrainingError(f"cannot resume: {checkpoint} does not exist")
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise TrainingError(
+                f"run folder {self.run_dir} already exists and is not empty; resume it with --resume or choose another --name"
+            )
+
+        _seed_everything(tc.seed)
+        dc = config.data
+        try:
+            self.train_data = load_dataset(dc.name, "train", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.limit)
+            self.valid_data = load_dataset(dc.name, "valid", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.valid_limit)
+        except DataError:
+            raise
+        self._check_model_matches_data()
+        self.model = build_model(config).to(self.device)
+        self.objective = _Bound(self.model)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=tc.lr_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.best = -math.inf
+        self.nonfinite_in_row, self.nonfinite_total = 0, 0
+        self.batches_per_epoch = num_batches(len(self.train_data), config.data.batch_size, 1)
+        if resume:
+            self._restore(load_checkpoint(checkpoint, map_location="cpu"))
+        elif self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+
+    # -------------------------------------------------------------- setup helpers
+    def _check_model_matches_data(self) -> None:
+        cfg = self.config
+        if isinstance(self.train_data, ImageData):
+            if tuple(cfg.model.image_shape) != self.train_data.image_shape:
+                raise TrainingError(
+                    f"model.image_shape={tuple(cfg.model.image_shape)} but {cfg.data.name} images are {self.train_data.image_shape}"
+                )
+        else:
+            if cfg.model.x_dim != self.train_data.x_dim:
+                raise TrainingError(f"model.x_dim={cfg.model.x_dim} but {cfg.data.name} has {self.train_data.x_dim} features per step")
+            if cfg.model.output == "bernoulli" and not self.train_data.binary:
+                raise TrainingError(
+                    f"{cfg.data.name} is not binary but model.output=bernoulli; choose gaussian or mixture"
+                )
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "config": json.dumps(self.config.to_dict()),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "best": self.best,
+            "nonfinite_total": self.nonfinite_total,
+            "rng": rng_state(),
+        }
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.scheduler.load_state_dict(payload["scheduler"])
+            self.scaler.load_state_dict(payload["scaler"])
+            self.step, self.epoch, self.position = payload["step"], payload["epoch"], payload["position"]
+            self.best, self.nonfinite_total = payload["best"], payload["nonfinite_total"]
+            set_rng_state(payload["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise TrainingError(f"the checkpoint in {self.run_dir} does not fit this run ({type(err).__name__}: {err})") from None
+        if self.main:
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric records written after the checkpoint (a killed run wrote them)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("step", 0) <= self.step:
+                kept.append(line)
+        atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        if self.main:
+            save_checkpoint(self.run_dir / "checkpoint.pt", self._state())
+
+    # -------------------------------------------------------------- training
+    def _autocast(self):
+        amp = self.config.train.amp
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=amp != "none")
+
+    def _optimise(self, loss: Tensor) -> tuple[bool, float]:
+        """Backward, clip, step. Returns (stepped, grad norm); skips non-finite steps."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return False, math.nan
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.train.clip_grad
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            return False, float(norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return True, float(norm)
+
+    def _count(self, stepped: bool) -> None:
+        if stepped:
+            self.nonfinite_in_row = 0
+            self.step += 1
+            return
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        limit = self.config.train.max_nonfinite
+        if self.nonfinite_in_row >= limit:
+            raise TrainingError(
+                f"stopped: {self.nonfinite_in_row} optimiser steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite={limit}); the last good checkpoint is {self.run_dir / 'checkpoint.pt'}. "
+                "Try a lower train.lr, gradient clipping (train.clip_grad) or check the data"
+            )
+
+    def _kwargs(self) -> dict[str, Any]:
+        oc = self.config.objective
+        return dict(name=oc.name, k=oc.k, beta=oc.beta(self.step), free_bits=oc.free_bits, resample_threshold=oc.resample_threshold)
+
+    def train_batch(self, batch) -> dict[str, float]:
+        """One batch: one optimiser step (images, whole sequences) or one per TBPTT chunk."""
+        x = batch.x.to(self.device, non_blocking=True)
+        if batch.lengths is None:
+            n_local = x.shape[0]
+            (n_global,) = _all_sum([n_local], self.device)
+            with self._autocast():
+                value, _ = self.objective(x, **self._kwargs())
+            loss = -value.float().sum() * self.world / n_global
+            stepped, norm = self._optimise(loss)
+            self._count(stepped)
+            return {"loss": loss.item() if stepped else math.nan, "grad_norm": norm}
+
+        lengths = batch.lengths.to(self.device)
+        steps = x.shape[1]
+        mask = mask_from_lengths(lengths, steps)
+        chunk = self.config.train.tbptt or steps
+        carry, total, count, norms = None, 0.0, 0, []
+        for start in range(0, steps, chunk):
+            m = mask[:, start : start + chunk]
+            (n_global,) = _all_sum([float(m.sum())], self.device)
+            if n_global == 0:
+                break  # every sequence of the batch has ended
+            with self._autocast():
+                value, carry = self.objective(
+                    x[:, start : start + chunk], mask=None if bool(m.all()) else m, carry=carry, **self._kwargs()
+                )
+            loss = -value.float().sum() * self.world / n_global
+            stepped, norm = self._optimise(loss)
+            self._count(stepped)
+            norms.append(norm)
+            total += float(value.detach().float().sum())
+            count += int(m.sum())
+            carry = carry.detach()
+        return {"loss": -total / max(count, 1), "grad_norm": max(norms) if norms else math.nan}
+
+    def validate(self) -> dict[str, float]:
+        oc, tc = self.config.objective, self.config.train
+        metrics = {}
+        result = evaluate(self.model, self.valid_data, name="elbo", k=1, batch_size=self.local_batch, device=self.device)
+        metrics["valid_elbo"] = result["nats"]
+        if "nats_per_step" in result:
+            metrics["valid_elbo_per_step"] = result["nats_per_step"]
+        if oc.name != "elbo":
+            k = tc.eval_k or oc.k
+            result = evaluate(self.model, self.valid_data, name=oc.name, k=k, batch_size=self.local_batch, device=self.device)
+            metrics[f"valid_{oc.name}"] = result["nats"]
+            if "nats_per_step" in result:
+                metrics[f"valid_{oc.name}_per_step"] = result["nats_per_step"]
+        self.model.train()
+        return metrics
+
+    def _samples(self) -> None:
+        if not self.main:
+            return
+        n = self.config.train.samples
+        self.model.eval()
+        with torch.no_grad():
+            if isinstance(self.model, DRAW):
+                fig = viz.image_grid(self.model.sample(n).cpu(), title=f"DRAW samples, epoch {self.epoch}")
+            elif self.config.data.name == "seq_mnist":
+                seqs = self.model.generate(n, 28).mean.cpu()
+                fig = viz.image_grid(seqs[:, None], title=f"{self.config.model_kind} samples (rows as steps), epoch {self.epoch}")
+            else:
+                length = int(self.train_data.lengths.float().median())
+                gen = self.model.generate(min(n, 4), length)
+                fig = viz.piano_rolls(gen.x.cpu(), suptitle=f"{self.config.model_kind} samples, epoch {self.epoch}")
+        viz.save_figure(fig, self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
+        self.model.train()
+
+    def fit(self) -> dict[str, float]:
+        """Train to train.epochs; returns the last validation metrics."""
+        tc = self.config.train
+        if self.epoch >= tc.epochs:
+            self.log(f"nothing to do: the run has finished {self.epoch} of train.epochs={tc.epochs} epochs")
+            return {}
+        if self.main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            self.log(
+                f"training {self.config.model_kind} ({n_params:,} parameters) on {self.config.data.name} "
+                f"({len(self.train_data)} train / {len(self.valid_data)} valid) with {self.config.objective.name}, "
+                f"device {self.device}" + (f", {self.world} processes" if self.world > 1 else "")
+            )
+        self.model.train()
+        last = {}
+        while self.epoch < tc.epochs:
+            last = self._epoch()
+        return last
+
+    def _epoch(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        tc = self.config.train
+        started = time.time()
+        bar = tqdm(
+            total=self.batches_per_epoch, initial=self.position, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
+            disable=None if (tc.progress and self.main) else True, leave=False, dynamic_ncols=True,
+        )
+        running = []
+        for position, batch in batches(
+            self.train_data, self.local_batch, seed=tc.seed, epoch=self.epoch, start=self.position,
+            rank=self.rank, world_size=self.world,
+        ):
+            stats = self.train_batch(batch)
+            self.position = position + 1
+            running.append(stats["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}")
+            if self.step % tc.log_every == 0:
+                finite = [v for v in running if math.isfinite(v)]
+                self._write_metrics({"kind": "train", "epoch": self.epoch, "step": self.step, "loss": float(np.mean(finite)) if finite else None, "grad_norm": stats["grad_norm"], "beta": self.config.objective.beta(self.step), "lr": self.optimizer.param_groups[0]["lr"], "nonfinite_total": self.nonfinite_total})
+                running = []
+            if tc.checkpoint_every and self.position % tc.checkpoint_every == 0 and self.position < self.batches_per_epoch:
+                self.save()
+        bar.close()
+        self.epoch += 1
+        self.position = 0
+        self.scheduler.step()
+        metrics = self.validate()
+        metrics.update(kind="valid", epoch=self.epoch, step=self.step, seconds=round(time.time() - started, 2))
+        self._write_metrics(metrics)
+        key = next(k for k in (f"valid_{self.config.objective.name}", "valid_elbo") if k in metrics)
+        if metrics[key] > self.best:
+            self.best = metrics[key]
+            if self.main:
+                save_checkpoint(self.run_dir / "best.pt", {"format": 1, "config": json.dumps(self.config.to_dict()), "model": self.model.state_dict(), "epoch": self.epoch, "step": self.step, key: metrics[key]})
+        self._samples()
+        self.save()
+        if self.main:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("valid_"))
+            self.log(f"epoch {self.epoch}/{tc.epochs}: {shown} ({metrics['seconds']:.0f}s)")
+        return metrics

@@ -1,0 +1,94 @@
+"""The command line end to end on tiny settings: train, eval, sample, resume, and errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def seqvae(*args, cwd, data_dir, check=True):
+    env = {**os.environ, "SEQVAE_DATA": str(data_dir), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "seqvae", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"seqvae {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_draw_quick_train_eval_sample(tmp_path, data_dir):
+    seqvae("train", "draw", "--preset", "quick", "--name", "q", "--data.limit=640", "--data.valid_limit=128", "--train.epochs=2", "--train.samples=16", cwd=tmp_path, data_dir=data_dir)
+    run = tmp_path / "runs" / "q"
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt"} <= {p.name for p in run.iterdir()}
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["kind"] == "valid"]
+    assert [r["epoch"] for r in valid] == [1, 2] and all(r["valid_elbo"] < 0 for r in valid)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_kind"] == "draw" and config["model"]["steps"] == 8
+
+    out = seqvae("eval", "runs/q", "--k", "20", "--limit", "40", cwd=tmp_path, data_dir=data_dir).stdout
+    assert "NLL" in out and "bits/dim" in out
+    result = json.loads((run / "eval_test_ll_k20.json").read_text())
+    assert result["examples"] == 40 and result["nats"] < 0 and result["bits_per_dim"] > 0
+
+    seqvae("sample", "q", "--n", "9", cwd=tmp_path, data_dir=data_dir)
+    assert (run / "samples.png").stat().st_size > 1000 and (run / "samples.gif").read_bytes()[:6] == b"GIF89a"
+
+    # resume with more epochs continues from the checkpoint
+    seqvae("train", "draw", "--name", "q", "--resume", "--train.epochs=3", cwd=tmp_path, data_dir=data_dir)
+    valid = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"valid"' in line]
+    assert [r["epoch"] for r in valid] == [1, 2, 3]
+
+
+def test_vrnn_quick_with_tbptt_and_fivo(tmp_path, data_dir):
+    seqvae("train", "vrnn", "--data", "jsb_chorales", "--preset", "quick", "--name", "v", "--data.limit=32", "--data.valid_limit=8",
+           "--train.epochs=1", "--objective.name=fivo", "--objective.k=2", "--train.tbptt=40", cwd=tmp_path, data_dir=data_dir)
+    run = tmp_path / "runs" / "v"
+    valid = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"valid"' in line]
+    assert "valid_fivo_per_step" in valid[0] and "valid_elbo_per_step" in valid[0]
+    out = seqvae("eval", "v", "--k", "4", "--limit", "5", cwd=tmp_path, data_dir=data_dir).stdout
+    assert "per time step" in out
+    seqvae("sample", "v", "--n", "2", "--steps", "30", cwd=tmp_path, data_dir=data_dir)
+    assert (run / "samples.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "draw", "--model.stepz=3"], "unknown config key 'model.stepz'"),
+        (["train", "draw", "--model.steps=0"], "model.steps (T) must be at least 1"),
+        (["train", "draw", "--preset", "huge"], "unknown preset 'huge'"),
+        (["train", "draw", "--data", "cifar"], "data.name must be one of"),
+        (["train", "gan"], "unknown model 'gan'"),
+        (["train", "draw", "--model.steps"], "has no value"),
+        (["eval", "nowhere"], "no run 'nowhere'"),
+        (["eval", "nowhere", "--k", "-5"], "--k must be a positive number"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(tmp_path, data_dir, args, message):
+    result = seqvae(*args, cwd=tmp_path, data_dir=data_dir, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_existing_run_is_never_overwritten(tmp_path, data_dir):
+    run = tmp_path / "runs" / "keep"
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    result = seqvae("train", "draw", "--name", "keep", cwd=tmp_path, data_dir=data_dir, check=False)
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert (run / "notes.txt").read_text() == "mine" and len(list(run.iterdir())) == 1
+
+
+def test_missing_data_offline_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = seqvae("train", "draw", "--preset", "quick", "--data.download=false", cwd=tmp_path, data_dir=empty, check=False)
+    assert result.returncode == 2
+    assert "binarized_mnist_train.amat" in result.stderr and str(empty.resolve()) in result.stderr
+    assert "Traceback" not in result.stderr
