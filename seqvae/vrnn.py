@@ -271,6 +271,9 @@ class VRNN(_SequenceModel):
         h_map = Affine(torch.cat([first.weight[:, f:], parts.w_hidden]), torch.cat([first.bias.new_zeros(f_post), parts.b_hidden]))
         z_map = Affine(parts.w_inside, parts.b_outside.new_zeros(g))  # phi_z part of the cell input
         padded = None if mask is None else rearrange(mask, "b t -> t b")
+        # unbind once: indexing a batched tensor at every step would make autograd allocate a
+        # sequence-sized zero gradient per step (quadratic in t); unbind's backward is one stack
+        post_x, cell_x = post_x.unbind(0), cell_x.unbind(0)
         hs, zs, fzs, locs, scales = [], [], [], [], []
         with unrolled(self.posterior_net, self.phi_z):
             for t in range(steps):
@@ -362,7 +365,7 @@ class RNN(_SequenceModel):
         state = self.initial_state(b) if state is None else state
         xt = _time_major(x, mask)
         parts = self.cell.parts(self.feature_size)
-        cell_x = F.linear(self.phi_x(xt), parts.w_outside, parts.b_outside)  # (t, b, g)
+        cell_x = F.linear(self.phi_x(xt), parts.w_outside, parts.b_outside).unbind(0)  # t x (b, g)
         h_map = Affine(parts.w_hidden, parts.b_hidden)
         padded = None if mask is None else rearrange(mask, "b t -> t b")
         hs = []

@@ -67,8 +67,15 @@ def test_batched_weight_gradient_equals_autograd():
     plain = [p.grad.clone() for p in (layer.weight, layer.bias, xs[0], extra)]
     for t in (layer.weight, layer.bias, xs[0], extra):
         t.grad = None
-    with unrolled(layer):
-        loss = run()
+    import seqvae.linear as L
+
+    old, L.BATCH_MIN_WEIGHTS = L.BATCH_MIN_WEIGHTS, 1  # batch even this small weight
+    try:
+        with unrolled(layer):
+            assert layer._affine.batched
+            loss = run()
+    finally:
+        L.BATCH_MIN_WEIGHTS = old
     loss.backward()
     for got, want in zip((layer.weight.grad, layer.bias.grad, xs[0].grad, extra.grad), plain):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -83,7 +90,7 @@ def test_affine_on_a_concatenated_weight_reaches_both_parts():
     want = [p.grad.clone() for p in (a.weight, a.bias, b.weight, b.bias)]
     for p in (a.weight, a.bias, b.weight, b.bias):
         p.grad = None
-    both = Affine(torch.cat([a.weight, b.weight]), torch.cat([a.bias, b.bias]))
+    both = Affine(torch.cat([a.weight, b.weight]), torch.cat([a.bias, b.bias]), batch_grad=True)
     y = both(x)
     loss(y[:, :2], y[:, 2:]).backward()
     for got, w in zip((a.weight.grad, a.bias.grad, b.weight.grad, b.bias.grad), want):

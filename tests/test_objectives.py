@@ -14,7 +14,15 @@ from seqvae.objectives import Carry, bound
 from seqvae.terms import Terms, standard_normal_like
 from seqvae.vrnn import SeqStep
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These known-answer tests run in float64; the default is restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class LinearGaussian(nn.Module):
