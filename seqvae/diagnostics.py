@@ -1,0 +1,156 @@
+"""Latent usage: active units and KL per unit and per step, over a data set.
+
+Dimensions: n examples, s latent steps (DRAW glimpses or sequence time steps), z latent units.
+
+Active units (Burda, Grosse & Salakhutdinov 2015, "Importance Weighted Autoencoders",
+section 5.2): unit u is active when A_u = Cov_x( E_{q(u | x)}[u] ) > 0.01, the variance over
+the data set of the unit's posterior mean. VAEs "tend to use only a small subset of the
+dimensions of z"; this measures how many.
+
+    DRAW: per glimpse step t and unit u (a (T, z) table) and the total over steps. The
+          posterior at step t depends on the z_<t sampled before it; E_q[z_t | x] is
+          estimated by the posterior mean mu_t along one sampled path (or the average over
+          `samples` paths).
+    VRNN: per unit, pooled over time steps: the variance of mu_t,u over every real
+          (sequence, step) pair of the data set; the per-step table is also returned,
+          each step over the sequences long enough to have it.
+
+KL per unit and per step: the analytic KL(q || p) of each unit at each step, averaged over
+the examples that have that step (per-unit values sum to the model's per-step KL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .sequences import mask_from_lengths
+
+__all__ = ["LatentUsage", "latent_usage", "ACTIVE_THRESHOLD"]
+
+ACTIVE_THRESHOLD = 0.01
+
+
+@dataclass
+class LatentUsage:
+    """Latent usage over a data set. Tables are (s, z): steps x units."""
+
+    variance: Tensor  # (s, z) Cov_x(E_q[u]) per step and unit
+    active: Tensor  # (s, z) bool: variance > threshold
+    kl: Tensor  # (s, z) mean KL per step and unit, nats
+    count: Tensor  # (s,) examples that have each step
+    pooled_variance: Tensor  # (z,) over all (example, step) pairs (the VRNN criterion)
+    pooled_active: Tensor  # (z,) bool
+    threshold: float
+    sequential: bool
+
+    @property
+    def kl_per_step(self) -> Tensor:
+        return self.kl.sum(-1)
+
+    @property
+    def kl_per_unit(self) -> Tensor:
+        """KL per unit: DRAW, summed over glimpses (nats per image); sequences, averaged
+        over every real (sequence, step) pair (nats per time step)."""
+        if not self.sequential:
+            return self.kl.sum(0)
+        return (self.kl * self.count[:, None]).sum(0) / self.count.sum()
+
+    @property
+    def kl_total(self) -> float:
+        """DRAW: nats per image; sequences: nats per time step."""
+        return float(self.kl_per_unit.sum())
+
+    @property
+    def active_units(self) -> int:
+        """DRAW: active (step, unit) pairs; sequences: active units pooled over time."""
+        return int(self.pooled_active.sum()) if self.sequential else int(self.active.sum())
+
+    def to_dict(self) -> dict:
+        out = {
+            "criterion": "Cov_x(E_q[u]) > %g (Burda et al. 2015)" % self.threshold,
+            "pooled_over_time": self.sequential,
+            "active_units": self.active_units,
+            "latent_units": int(self.active.shape[1]),
+            "steps": int(self.active.shape[0]),
+            "active_per_step": self.active.sum(1).tolist(),
+            "kl_per_step": self.kl_per_step.tolist(),
+            "kl_per_unit": self.kl_per_unit.tolist(),
+            "kl_total": self.kl_total,
+            "kl_units": "nats per time step" if self.sequential else "nats per image",
+            "variance_per_unit": self.pooled_variance.tolist(),
+        }
+        if not self.sequential:
+            out["active_per_unit"] = self.active.sum(0).tolist()
+        return out
+
+
+@torch.no_grad()
+def latent_usage(
+    model,
+    data,
+    *,
+    batch_size: int = 100,
+    device: torch.device | str = "cpu",
+    samples: int = 1,
+    threshold: float = ACTIVE_THRESHOLD,
+) -> LatentUsage:
+    """Active units and KL per unit and step of `model` over `data` (an ImageData or SequenceData)."""
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    model.eval()
+    sequential = getattr(model, "sequential", False)
+    if sequential and not hasattr(model, "z_size"):
+        raise ValueError(f"{type(model).__name__} has no latent variables: there is no latent usage to measure")
+    sums = sq = kl_sum = count = None
+    pooled_n, pooled_s, pooled_sq = 0, 0.0, 0.0
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        batch = data.batch(index, torch.Generator().manual_seed(start))
+        x = batch.x.to(device)
+        mask = None
+        if batch.lengths is not None:
+            lengths = batch.lengths.to(device)
+            mask = mask_from_lengths(lengths, x.shape[1]) if bool((lengths < x.shape[1]).any()) else None
+        mus, kls = [], []
+        for _ in range(samples):
+            terms, _ = model.terms(x, mask=mask) if sequential else model.terms(x)
+            mus.append(terms.posterior.base_dist.loc)
+            kls.append(terms.kl_per_unit())
+        mu = torch.stack(mus).mean(0).double()  # (b, s, z) estimate of E_q[z | x]
+        kl = torch.stack(kls).mean(0).double()
+        w = torch.ones(mu.shape[:2], dtype=torch.float64, device=mu.device) if mask is None else mask.double()
+        steps = mu.shape[1]
+        if sums is None or steps > sums.shape[0]:
+            sums, sq, kl_sum, count = (_grow(t, steps, mu.shape[2]) for t in (sums, sq, kl_sum, count))
+        sums[:steps] += (mu * w[..., None]).sum(0).cpu()
+        sq[:steps] += (mu.square() * w[..., None]).sum(0).cpu()
+        kl_sum[:steps] += kl.sum(0).cpu()  # kl_per_unit is already zero on padded steps
+        count[:steps] += w.sum(0)[:, None].cpu()
+        pooled_n += float(w.sum())
+        pooled_s = pooled_s + (mu * w[..., None]).sum((0, 1)).cpu()
+        pooled_sq = pooled_sq + (mu.square() * w[..., None]).sum((0, 1)).cpu()
+    n = count[:, 0].clamp_min(1)
+    mean = sums / n[:, None]
+    variance = (sq / n[:, None] - mean.square()).clamp_min(0)
+    pooled_mean = pooled_s / pooled_n
+    pooled_var = (pooled_sq / pooled_n - pooled_mean.square()).clamp_min(0)
+    return LatentUsage(
+        variance=variance.float(),
+        active=variance > threshold,
+        kl=(kl_sum / n[:, None]).float(),
+        count=count[:, 0].long(),
+        pooled_variance=pooled_var.float(),
+        pooled_active=pooled_var > threshold,
+        threshold=threshold,
+        sequential=sequential,
+    )
+
+
+def _grow(t: Tensor | None, steps: int, units: int) -> Tensor:
+    out = torch.zeros(steps, units, dtype=torch.float64)
+    if t is not None:
+        out[: t.shape[0]] = t
+    return out
