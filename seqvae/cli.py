@@ -5,6 +5,7 @@
     seqvae train draw --name NAME --resume            continue a run from its last checkpoint
     seqvae eval RUN [--k 5000] [--split test]         test log-likelihood estimate
     seqvae sample RUN [--n 64]                        samples as PNG (and a GIF for DRAW)
+    seqvae viz RUN --what glimpses|canvas|sequences|latents|curves --out FILE
 
 Every override is checked against the config dataclasses (an unknown key or a value of the
 wrong type or range is an error); errors print one line and exit with status 2.
@@ -187,11 +188,110 @@ def cmd_eval(args, extra: list[str]) -> int:
         lines.append(f"  log p(x) per time step {result['nats_per_step']:.4f} nats   ({result['steps']} steps)")
     else:
         lines.append(f"  NLL {-result['nats']:.2f} nats   ({result['bits_per_dim']:.4f} bits/dim)")
+    if args.diagnostics and _has_latents(model):
+        from .diagnostics import latent_usage
+
+        usage = latent_usage(model, data, batch_size=args.batch_size, device=device)
+        result["latents"] = usage.to_dict()
+        lines.append(_usage_lines(usage))
     print("\n".join(lines))
     if run_dir.is_dir():
         out = run_dir / f"eval_{args.split}_{args.bound}_k{args.k}.json"
         atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
         print(f"written to {out}")
+    return 0
+
+
+def _has_latents(model) -> bool:
+    return not getattr(model, "sequential", False) or hasattr(model, "z_size")
+
+
+def _usage_lines(usage) -> str:
+    units = usage.active.shape[1]
+    if usage.sequential:
+        head = f"  active units: {usage.active_units} of {units} (Cov_x(E_q[u]) > {usage.threshold}, pooled over time steps)"
+        kl = f"  KL: {usage.kl_total:.3f} nats per time step; per unit: " + " ".join(f"{v:.2f}" for v in usage.kl_per_unit.tolist())
+    else:
+        per_step = usage.active.sum(1).tolist()
+        head = (f"  active units: {usage.active_units} of {usage.active.numel()} (step, unit) pairs "
+                f"(Cov_x(E_q[u]) > {usage.threshold}); per glimpse step: {per_step}")
+        kl = f"  KL: {usage.kl_total:.2f} nats per image; per step: " + " ".join(f"{v:.1f}" for v in usage.kl_per_step.tolist())
+    return head + "\n" + kl
+
+
+def cmd_viz(args, extra: list[str]) -> int:
+    import torch
+
+    from . import viz
+    from .data import load_dataset
+    from .diagnostics import latent_usage
+    from .draw import DRAW
+    from .train import _device, load_run
+
+    if extra:
+        raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.n < 1:
+        raise CLIError(f"--n must be at least 1, got {args.n}")
+    run_dir = _run_dir(args.run, args.runs_dir)
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg", ".gif"):
+        raise CLIError(f"--out must end in .png, .pdf, .svg or .gif, got {out.name!r}")
+    gif = out.suffix.lower() == ".gif"
+    if args.what == "curves":
+        metrics = (run_dir if run_dir.is_dir() else run_dir.parent) / "metrics.jsonl"
+        if not metrics.exists():
+            raise CLIError(f"{metrics} does not exist: training curves need a run folder")
+        viz.save_figure(viz.training_curves(metrics, title=run_dir.name), out)
+        print(f"written {out}")
+        return 0
+    device = _device(args.device)
+    config, model, _ = load_run(run_dir, which=args.checkpoint, map_location=device)
+    torch.manual_seed(args.seed)
+    is_draw = isinstance(model, DRAW)
+    if args.what in ("glimpses", "canvas") and not is_draw:
+        raise CLIError(f"--what {args.what} shows DRAW's attention; this run is a {config.model_kind}")
+    if args.what == "sequences" and is_draw:
+        raise CLIError("--what sequences is for sequence models; for DRAW use glimpses or canvas")
+    if gif and args.what not in ("glimpses", "canvas"):
+        raise CLIError(f"--what {args.what} makes a still figure: use .png, .pdf or .svg")
+    if args.what == "latents" and not _has_latents(model):
+        raise CLIError("the RNN baseline has no latent variables: --what latents needs draw or vrnn")
+    dc = config.data
+    data = lambda: load_dataset(dc.name, args.split, data_dir=args.data_dir or dc.data_dir, data_path=dc.data_path, download=dc.download)  # noqa: E731
+    if is_draw:
+        read_n = getattr(model.read_head, "n", None)
+        write_n = getattr(model.write_head, "n", None)
+        title = f"DRAW (T={model.steps}, read {config.model.read}, write {config.model.write})"
+    if args.what == "glimpses":
+        x = data().batch(torch.arange(args.n)).x.to(device)
+        trace = model.reconstruct(x)
+        if gif:
+            viz.glimpse_animation(trace, out, x.cpu(), read_size=read_n, write_size=write_n, n=args.n)
+        else:
+            fig = viz.glimpse_grid(trace, x.cpu(), read_size=read_n, write_size=write_n, n=args.n, steps=args.steps, title=title + ", reconstructions")
+            viz.save_figure(fig, out)
+    elif args.what == "canvas":
+        trace = model.generate(args.n)
+        if gif:
+            viz.glimpse_animation(trace, out, write_size=write_n, n=args.n)
+        else:
+            viz.save_figure(viz.canvas_grid(trace, n=args.n, steps=args.steps, write_size=write_n, title=title + ", samples drawn step by step"), out)
+    elif args.what == "sequences":
+        d = data()
+        batch = d.batch(torch.arange(min(args.n, len(d))))
+        trace = model.reconstruct(batch.x.to(device), lengths=batch.lengths.to(device))
+        i, length = 0, int(batch.lengths[0])
+        binary = getattr(d, "binary", True)
+        kl = trace.kl[i, :length] if trace.kl.shape[-1] else torch.zeros(length, 1)
+        what = "p(x_t | z_t, h_t-1), z_t from q" if config.model_kind == "vrnn" else "prediction p(x_t | x_<t)"
+        fig = viz.sequence_kl(batch.x[i, :length], kl, mean=trace.mean[i, :length], binary=binary,
+                              title=f"{config.model_kind} on {dc.name}/{args.split}, sequence 0; middle panel: {what}")
+        viz.save_figure(fig, out)
+    else:  # latents
+        d = data().subset(args.limit)
+        usage = latent_usage(model, d, device=device)
+        viz.save_figure(viz.latent_usage(usage, title=f"{config.model_kind} on {dc.name}/{args.split} ({len(d)} examples)"), out)
+    print(f"written {out}")
     return 0
 
 
@@ -234,7 +334,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model", description="Train DRAW, a VRNN or an RNN baseline. Extra arguments --section.key=value override the config.")
     t.add_argument("kind", help="draw | vrnn | rnn")
-    t.add_argument("--preset", help="quick | paper")
+    t.add_argument("--preset", help="quick | paper (draw also: attention)")
     t.add_argument("--data", help="data set name (same as --data.name=NAME)")
     t.add_argument("--name", help="run name (folder under --runs-dir); default KIND-DATA-TIMESTAMP")
     t.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
@@ -254,6 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--runs-dir", default="runs")
     e.add_argument("--data-dir")
+    e.add_argument("--no-diagnostics", dest="diagnostics", action="store_false", help="skip active units and KL per unit")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
@@ -266,6 +367,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(func=cmd_sample)
+
+    v = sub.add_parser("viz", help="figures from a trained run", description="Figures of a run: attention glimpses, canvases, sequences with per-step KL, latent usage, training curves.")
+    v.add_argument("run", help="run folder, run name under --runs-dir, or checkpoint file")
+    v.add_argument("--what", required=True, choices=["glimpses", "canvas", "sequences", "latents", "curves"])
+    v.add_argument("--out", required=True, help="output file: .png/.pdf/.svg, or .gif for an animation (glimpses, canvas)")
+    v.add_argument("--n", type=int, default=4, help="examples (glimpses, canvas, sequences)")
+    v.add_argument("--steps", type=int, default=8, help="steps shown as columns (glimpses, canvas)")
+    v.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    v.add_argument("--limit", type=int, default=1000, help="examples for --what latents")
+    v.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    v.add_argument("--device", default="auto")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--runs-dir", default="runs")
+    v.add_argument("--data-dir")
+    v.set_defaults(func=cmd_viz)
     return p
 
 

@@ -45,7 +45,7 @@ from .linear import Affine, StepLinear, unrolled
 from .sequences import check_sequences, where_state
 from .terms import Terms, standard_normal_like
 
-__all__ = ["VRNN", "RNN", "VRNNConfig", "RNNConfig", "SeqStep", "SequenceSample", "PRIORS"]
+__all__ = ["VRNN", "RNN", "VRNNConfig", "RNNConfig", "SeqStep", "SequenceSample", "SequenceTrace", "PRIORS"]
 
 PRIORS = ("learned", "standard")
 MIN_STD = 1e-4
@@ -113,14 +113,26 @@ def _check_common(cfg) -> None:
 
 
 class SeqStep(NamedTuple):
-    """One step's terms, each (b,): log p(x_t|.), log p(z_t|.), log q(z_t|.), KL(q||p)."""
+    """One step's terms, each (b,): log p(x_t|.), log p(z_t|.), log q(z_t|.), KL(q||p);
+    z (b, z) the sample (None without latents); params (b, p) the output head's parameters."""
 
     log_px: Tensor
     log_pz: Tensor
     log_qz: Tensor
     kl: Tensor
     z: Tensor | None
+    params: Tensor | None = None
 
+
+@dataclass
+class SequenceTrace:
+    """A reconstruction, step by step: mean (b, t, x) the output distribution's mean at each
+    step (VRNN: p(x_t | z_t, h_{t-1}) with z_t from q; RNN: the prediction p(x_t | x_<t));
+    kl (b, t, z) KL(q || p) per unit (zeros without latents); loc (b, t, z) the posterior means."""
+
+    mean: Tensor
+    kl: Tensor
+    loc: Tensor
 
 @dataclass
 class SequenceSample:
@@ -210,6 +222,26 @@ class _SequenceModel(nn.Module):
     def forward(self, x: Tensor, *, mask: Tensor | None = None, state: CellState | None = None):
         return self.terms(x, mask=mask, state=state)
 
+    def terms(self, x: Tensor, *, mask: Tensor | None = None, state: CellState | None = None):
+        """Per-step terms of x (b, t, x) and the final state; state carries over chunks (TBPTT)."""
+        terms, state, _ = self._run(x, mask, state)
+        return terms, state
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, *, lengths: Tensor | None = None) -> SequenceTrace:
+        """x (b, t, x) through the model once: output means, KL per unit and posterior means
+        at every step (zero after each sequence's end)."""
+        from .sequences import resolve_mask
+
+        mask = resolve_mask(x, lengths)
+        terms, _, params = self._run(x, mask, None)
+        keep = 1.0 if mask is None else mask[..., None].to(x.dtype)
+        mean = rearrange(self.head.mean(params), "t b x -> b t x") * keep
+        if terms.posterior is None:
+            empty = x.new_zeros(*x.shape[:2], 0)
+            return SequenceTrace(mean, empty, empty)
+        return SequenceTrace(mean, terms.kl_per_unit(), terms.posterior.base_dist.loc * keep)
+
 
 class VRNN(_SequenceModel):
     """The variational RNN; keyword arguments mirror `VRNNConfig`."""
@@ -253,8 +285,8 @@ class VRNN(_SequenceModel):
         return Independent(Normal(*self.prior_net(h)), 1)
 
     # ------------------------------------------------------------------ batched path
-    def terms(self, x: Tensor, *, mask: Tensor | None = None, state: CellState | None = None):
-        """Per-step terms of x (b, t, x) and the final state; state carries over chunks (TBPTT)."""
+    def _run(self, x: Tensor, mask: Tensor | None, state: CellState | None):
+        """The batched path: (Terms, final state, output parameters (t, b, p))."""
         self.check_input(x, mask)
         b, steps, _ = x.shape
         f = self.feature_size
@@ -295,7 +327,7 @@ class VRNN(_SequenceModel):
         posterior = Independent(Normal(torch.stack(locs), torch.stack(scales)), 1)
         log_px = log_px.t() if mask is None else log_px.t() * mask
         terms = Terms(log_px, _batch_first(posterior), _batch_first(self._prior(h_prev)), rearrange(z, "t b z -> b t z"), mask)
-        return terms, state
+        return terms, state, params
 
     # ------------------------------------------------------------------ stepwise path
     def step(self, x_t: Tensor, state: CellState) -> tuple[SeqStep, CellState]:
@@ -306,9 +338,10 @@ class VRNN(_SequenceModel):
         fz = self.phi_z(z)
         q = Independent(Normal(loc, scale), 1)
         p = self._prior(state.h)
-        log_px = self.head(self.decoder(torch.cat([fz, state.h], dim=1))).log_prob(x_t)
+        params = self.decoder(torch.cat([fz, state.h], dim=1))
+        log_px = self.head(params).log_prob(x_t)
         new = self.cell(torch.cat([fx, fz], dim=1), state)
-        return SeqStep(log_px, p.log_prob(z), q.log_prob(z), kl_divergence(q, p), z), new
+        return SeqStep(log_px, p.log_prob(z), q.log_prob(z), kl_divergence(q, p), z, params), new
 
     @torch.no_grad()
     def generate(self, n: int, steps: int) -> SequenceSample:
@@ -359,7 +392,7 @@ class RNN(_SequenceModel):
         self.decoder = MLPHead([d] + [f] * decoder_layers + [self.head.num_params(x_dim)])  # p(x_t | h_{t-1})
         self.cell = make_cell(cell, f, d)  # h_t = f(phi_x(x_t), h_{t-1})
 
-    def terms(self, x: Tensor, *, mask: Tensor | None = None, state: CellState | None = None):
+    def _run(self, x: Tensor, mask: Tensor | None, state: CellState | None):
         self.check_input(x, mask)
         b, steps, _ = x.shape
         state = self.initial_state(b) if state is None else state
@@ -373,13 +406,15 @@ class RNN(_SequenceModel):
             new = self.cell.update(cell_x[t], h_map(state.h), state)
             hs.append(state.h)
             state = new if padded is None else where_state(padded[t], new, state)
-        log_px = self.head(self.decoder(torch.stack(hs))).log_prob(xt).t()  # (b, t)
-        return Terms(log_px if mask is None else log_px * mask, mask=mask), state
+        params = self.decoder(torch.stack(hs))  # (t, b, p)
+        log_px = self.head(params).log_prob(xt).t()  # (b, t)
+        return Terms(log_px if mask is None else log_px * mask, mask=mask), state, params
 
     def step(self, x_t: Tensor, state: CellState) -> tuple[SeqStep, CellState]:
-        log_px = self.head(self.decoder(state.h)).log_prob(x_t)
+        params = self.decoder(state.h)
+        log_px = self.head(params).log_prob(x_t)
         zero = torch.zeros_like(log_px)
-        return SeqStep(log_px, zero, zero, zero, None), self.cell(self.phi_x(x_t), state)
+        return SeqStep(log_px, zero, zero, zero, None, params), self.cell(self.phi_x(x_t), state)
 
     @torch.no_grad()
     def generate(self, n: int, steps: int) -> SequenceSample:
