@@ -249,6 +249,8 @@ class FilterbankWrite(nn.Module):
         fy, fx, att = self.filters(raw)
         patch = patch / att.gamma.unsqueeze(-1)  # (b, c*n*n)
         u = torch.bmm(patch.view(b, c * n, n), fx)  # (b, c*n, w)
+        if c == 1:
+            return torch.bmm(fy.transpose(1, 2), u).unsqueeze(1), att  # (b, 1, h, w)
         canvas = torch.matmul(fy.transpose(1, 2).unsqueeze(1), u.view(b, c, n, self.width))  # (b, c, h, w)
         return canvas, att
 

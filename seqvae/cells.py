@@ -90,8 +90,10 @@ class LSTMCell(nn.Module):
         zeros = like.new_zeros(batch_size, self.hidden_size)
         return CellState(zeros, zeros)
 
-    def forward(self, inputs: Tensor, state: CellState, extra: Tensor | None = None) -> CellState:
-        return lstm_update(self.linear(torch.cat([inputs, state.h], dim=1), extra), state.c)
+    def forward(self, inputs: Tensor | list[Tensor], state: CellState, extra: Tensor | None = None) -> CellState:
+        """inputs (b, i), or a list of tensors whose widths add up to i (concatenated once, with h)."""
+        parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        return lstm_update(self.linear(torch.cat([*parts, state.h], dim=1), extra), state.c)
 
     def parts(self, n_outside: int) -> CellParts:
         w, i = self.linear.weight, self.input_size

@@ -190,7 +190,7 @@ class DRAW(nn.Module):
         """One glimpse of inference: read x, encode, sample z_t from q, decode, write (eqs 3-8)."""
         x_hat = x - self.mean_image(state.canvas)
         r, read_att = self.read_head(x, x_hat, state.h_dec)
-        h_enc, c_enc = self.encoder(torch.cat([r, state.h_dec], dim=1), CellState(state.h_enc, state.c_enc))
+        h_enc, c_enc = self.encoder([r, state.h_dec], CellState(state.h_enc, state.c_enc))
         loc, log_scale = self.posterior_net(h_enc).chunk(2, dim=-1)
         scale = log_scale.exp()
         z = torch.addcmul(loc, scale, torch.randn_like(loc))  # fresh noise at every step
