@@ -45,7 +45,7 @@ from .objectives import Carry, ObjectiveConfig, bound, log_likelihood
 from .sequences import mask_from_lengths
 from .vrnn import RNN, VRNN, RNNConfig, VRNNConfig
 
-__all__ = ["TrainConfig", "RunConfig", "MODELS", "build_model", "Trainer", "evaluate", "load_run", "TrainingError"]
+__all__ = ["TrainConfig", "RunConfig", "MODELS", "build_model", "Trainer", "evaluate", "load_run", "train", "TrainingError"]
 
 MODELS = {"draw": (DRAW, DrawConfig), "vrnn": (VRNN, VRNNConfig), "rnn": (RNN, RNNConfig)}
 AMP = ("none", "bf16", "fp16")
@@ -60,6 +60,7 @@ class TrainConfig:
     """How to optimise."""
 
     epochs: int = 10
+    optimizer: str = "adam"  # adam | sgd (plain gradient descent, for checks that need a scale-sensitive step)
     lr: float = 1e-3
     lr_decay: float = 1.0  # multiply the learning rate by this after every epoch
     clip_grad: float = 10.0  # maximum global gradient norm; 0 = no clipping
@@ -74,9 +75,13 @@ class TrainConfig:
     max_nonfinite: int = 20  # stop after this many non-finite steps in a row
     eval_k: int = 0  # validation: also compute the training bound with this many samples (0 = the objective's k)
     samples: int = 64  # samples drawn into samples/epoch_NNN.png
+    samples_every: int = 1  # write that figure every N epochs (and after the last)
+    patience: int = 0  # stop after this many epochs without a better validation bound; 0 = never
+    time_limit: float = 0.0  # minutes of training (this session); stop before an epoch that would overrun. 0 = none
 
     def validate(self) -> "TrainConfig":
         check(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
+        check(self.optimizer in ("adam", "sgd"), f"train.optimizer must be adam or sgd, got {self.optimizer!r}")
         check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         check(0 < self.lr_decay <= 1, f"train.lr_decay must lie in (0, 1], got {self.lr_decay}")
         check(self.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
@@ -92,6 +97,9 @@ class TrainConfig:
         check(self.max_nonfinite >= 1, f"train.max_nonfinite must be at least 1, got {self.max_nonfinite}")
         check(self.eval_k >= 0, f"train.eval_k must be >= 0, got {self.eval_k}")
         check(self.samples >= 1, f"train.samples must be at least 1, got {self.samples}")
+        check(self.samples_every >= 1, f"train.samples_every must be at least 1, got {self.samples_every}")
+        check(self.patience >= 0, f"train.patience must be >= 0 epochs (0 = off), got {self.patience}")
+        check(self.time_limit >= 0, f"train.time_limit must be >= 0 minutes (0 = none), got {self.time_limit}")
         return self
 
 
@@ -318,12 +326,12 @@ class Trainer:
         if resume:
             if not checkpoint.exists():
                 raise TrainingError(f"cannot resume: {checkpoint} does not exist")
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+        elif self.main and self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise TrainingError(
                 f"run folder {self.run_dir} already exists and is not empty; resume it with --resume or choose another --name"
             )
 
-        _seed_everything(tc.seed)
+        _seed_everything(tc.seed + self.rank)  # each rank draws its own noise
         dc = config.data
         try:
             self.train_data = load_dataset(dc.name, "train", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.limit)
@@ -336,12 +344,14 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
+        opt = torch.optim.Adam if tc.optimizer == "adam" else torch.optim.SGD
+        self.optimizer = opt(self.model.parameters(), lr=tc.lr)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=tc.lr_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
         self.step, self.epoch, self.position = 0, 0, 0
-        self.best = -math.inf
+        self.best, self.best_epoch = -math.inf, 0
         self.nonfinite_in_row, self.nonfinite_total = 0, 0
+        self.running: list[float] = []  # training losses since the last metrics record
         self.batches_per_epoch = num_batches(len(self.train_data), config.data.batch_size, 1)
         if resume:
             self._restore(load_checkpoint(checkpoint, map_location="cpu"))
@@ -362,7 +372,8 @@ class Trainer:
                 raise TrainingError(f"model.x_dim={cfg.model.x_dim} but {cfg.data.name} has {self.train_data.x_dim} features per step")
             if cfg.model.output == "bernoulli" and not self.train_data.binary:
                 raise TrainingError(
-                    f"{cfg.data.name} is not binary but model.output=bernoulli; choose gaussian or mixture"
+                    f"the {cfg.data.name} data ({self.train_data.name}) are not binary but model.output=bernoulli; "
+                    "choose --model.output=gaussian or mixture"
                 )
 
     def _state(self) -> dict[str, Any]:
@@ -377,9 +388,23 @@ class Trainer:
             "epoch": self.epoch,
             "position": self.position,
             "best": self.best,
+            "best_epoch": self.best_epoch,
             "nonfinite_total": self.nonfinite_total,
-            "rng": rng_state(),
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "running": list(self.running),
+            "annealing": {"beta": self.config.objective.beta(self.step), "kl_warmup": self.config.objective.kl_warmup},
+            "world_size": self.world,
+            "rng": self._gather_rng(),
         }
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        """Every rank's generator states, in rank order (collected on rank 0)."""
+        state = rng_state()
+        if self.world == 1:
+            return [state]
+        states = [None] * self.world
+        torch.distributed.all_gather_object(states, state)
+        return states
 
     def _restore(self, payload: dict[str, Any]) -> None:
         try:
@@ -389,7 +414,15 @@ class Trainer:
             self.scaler.load_state_dict(payload["scaler"])
             self.step, self.epoch, self.position = payload["step"], payload["epoch"], payload["position"]
             self.best, self.nonfinite_total = payload["best"], payload["nonfinite_total"]
-            set_rng_state(payload["rng"])
+            self.best_epoch = payload["best_epoch"]
+            self.nonfinite_in_row = payload["nonfinite_in_row"]
+            self.running = list(payload["running"])
+            states = payload["rng"]
+            if len(states) == self.world:
+                set_rng_state(states[self.rank])
+            elif self.main:
+                self.log(f"note: the checkpoint was written by {len(states)} process(es), this run has {self.world}; "
+                         "random generators start afresh (seed + rank), so the continuation will differ from an uninterrupted run")
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise TrainingError(f"the checkpoint in {self.run_dir} does not fit this run ({type(err).__name__}: {err})") from None
         if self.main:
@@ -417,8 +450,9 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def save(self) -> None:
+        state = self._state()  # every rank takes part (the random states are gathered)
         if self.main:
-            save_checkpoint(self.run_dir / "checkpoint.pt", self._state())
+            save_checkpoint(self.run_dir / "checkpoint.pt", state)
 
     # -------------------------------------------------------------- training
     def _autocast(self):
@@ -427,16 +461,20 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype, enabled=amp != "none")
 
     def _optimise(self, loss: Tensor) -> tuple[bool, float]:
-        """Backward, clip, step. Returns (stepped, grad norm); skips non-finite steps."""
+        """Backward, clip, step. Returns (stepped, grad norm); skips non-finite steps.
+
+        Every rank runs backward (DistributedDataParallel's gradient reduction needs all of
+        them) and the decision to skip is taken jointly, so the ranks stay in step.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return False, math.nan
-        self.scaler.scale(loss).backward()
+        bad_loss = not bool(torch.isfinite(loss))
+        self.scaler.scale(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) if bad_loss else loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.config.train.clip_grad
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        if not torch.isfinite(norm):
+        (bad,) = _all_sum([float(bad_loss or not bool(torch.isfinite(norm)))], self.device)
+        if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
             return False, float(norm)
@@ -474,7 +512,8 @@ class Trainer:
             loss = -value.float().sum() * self.world / n_global
             stepped, norm = self._optimise(loss)
             self._count(stepped)
-            return {"loss": loss.item() if stepped else math.nan, "grad_norm": norm}
+            (total,) = _all_sum([float(value.detach().float().sum())], self.device)
+            return {"loss": -total / n_global if stepped else math.nan, "grad_norm": norm}
 
         lengths = batch.lengths.to(self.device)
         steps = x.shape[1]
@@ -494,8 +533,9 @@ class Trainer:
             stepped, norm = self._optimise(loss)
             self._count(stepped)
             norms.append(norm)
-            total += float(value.detach().float().sum())
-            count += int(m.sum())
+            (chunk_total,) = _all_sum([float(value.detach().float().sum())], self.device)
+            total += chunk_total
+            count += n_global
             carry = carry.detach()
         return {"loss": -total / max(count, 1), "grad_norm": max(norms) if norms else math.nan}
 
@@ -548,8 +588,24 @@ class Trainer:
             )
         self.model.train()
         last = {}
+        started, longest = time.time(), 0.0
         while self.epoch < tc.epochs:
+            if tc.time_limit and time.time() - started + longest > tc.time_limit * 60:
+                if self.main:
+                    self.log(f"stopping after {self.epoch} epochs: another would pass train.time_limit={tc.time_limit:g} minutes")
+                    if self.epoch % tc.samples_every:
+                        self._samples()
+                break
+            begin = time.time()
             last = self._epoch()
+            longest = max(longest, time.time() - begin)
+            if tc.patience and self.epoch - self.best_epoch >= tc.patience and self.epoch < tc.epochs:
+                if self.main:
+                    self.log(f"stopping early after {self.epoch} epochs: no better validation bound since epoch "
+                             f"{self.best_epoch} (train.patience={tc.patience}); best.pt holds that epoch's model")
+                    if self.epoch % tc.samples_every:
+                        self._samples()
+                break
         return last
 
     def _epoch(self) -> dict[str, float]:
@@ -561,20 +617,19 @@ class Trainer:
             total=self.batches_per_epoch, initial=self.position, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
             disable=None if (tc.progress and self.main) else True, leave=False, dynamic_ncols=True,
         )
-        running = []
         for position, batch in batches(
             self.train_data, self.local_batch, seed=tc.seed, epoch=self.epoch, start=self.position,
             rank=self.rank, world_size=self.world,
         ):
             stats = self.train_batch(batch)
             self.position = position + 1
-            running.append(stats["loss"])
+            self.running.append(stats["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
             if self.step % tc.log_every == 0:
-                finite = [v for v in running if math.isfinite(v)]
+                finite = [v for v in self.running if math.isfinite(v)]
                 self._write_metrics({"kind": "train", "epoch": self.epoch, "step": self.step, "loss": float(np.mean(finite)) if finite else None, "grad_norm": stats["grad_norm"], "beta": self.config.objective.beta(self.step), "lr": self.optimizer.param_groups[0]["lr"], "nonfinite_total": self.nonfinite_total})
-                running = []
+                self.running = []
             if tc.checkpoint_every and self.position % tc.checkpoint_every == 0 and self.position < self.batches_per_epoch:
                 self.save()
         bar.close()
@@ -586,12 +641,50 @@ class Trainer:
         self._write_metrics(metrics)
         key = next(k for k in (f"valid_{self.config.objective.name}", "valid_elbo") if k in metrics)
         if metrics[key] > self.best:
-            self.best = metrics[key]
+            self.best, self.best_epoch = metrics[key], self.epoch
             if self.main:
                 save_checkpoint(self.run_dir / "best.pt", {"format": 1, "config": json.dumps(self.config.to_dict()), "model": self.model.state_dict(), "epoch": self.epoch, "step": self.step, key: metrics[key]})
-        self._samples()
+        tc = self.config.train
+        if self.epoch % tc.samples_every == 0 or self.epoch == tc.epochs:
+            self._samples()
         self.save()
         if self.main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("valid_"))
             self.log(f"epoch {self.epoch}/{tc.epochs}: {shown} ({metrics['seconds']:.0f}s)")
         return metrics
+
+
+def train(
+    kind: str,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    name: str | None = None,
+    runs_dir: str | os.PathLike = "runs",
+    data: str | None = None,
+    data_dir: str | None = None,
+    reuse: bool = False,
+    log=print,
+):
+    """Train a run from Python, as `seqvae train` does; returns (RunConfig, model, run folder).
+
+    overrides are "section.key=value" strings, checked like the command line's. With
+    reuse=True an existing run of that name is loaded (and trained further only if its
+    train.epochs has not been reached) instead of being an error.
+    """
+    from .cli import build_config
+
+    run_dir = Path(runs_dir) / (name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    resume = reuse and (run_dir / "checkpoint.pt").exists()
+    if resume:  # continue the run as it was configured
+        config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        if config.model_kind != kind:
+            raise TrainingError(f"{run_dir} holds a {config.model_kind} run, not {kind}")
+        if data_dir:
+            config = configs.apply_override(config, f"data.data_dir={data_dir}")
+    else:
+        config = build_config(kind, preset, list(overrides), data, data_dir)
+    trainer = Trainer(config, run_dir, resume=resume, log=log)
+    trainer.fit()
+    _, model, _ = load_run(run_dir, map_location=trainer.device)
+    return config, model, run_dir
