@@ -1,0 +1,190 @@
+"""Checkpoints that lose nothing: a run killed with SIGKILL mid-epoch and resumed follows the
+uninterrupted run exactly; writes are atomic; non-finite steps are skipped and counted."""
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqvae import checkpoint as C
+from seqvae.cli import build_config
+from seqvae.train import Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a small DRAW, one thread (deterministic), a record and a checkpoint every few steps
+COMMON = ["train", "draw", "--preset", "quick", "--data.limit=2560", "--data.valid_limit=64", "--train.epochs=2",
+          "--train.threads=1", "--train.log_every=1", "--train.checkpoint_every=7", "--train.samples=4", "--train.progress=false"]
+
+
+def env(data_dir):
+    return {**os.environ, "SEQVAE_DATA": str(data_dir), "PYTHONPATH": str(REPO)}
+
+
+def train_records(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(l) for l in lines if l.strip()]
+
+
+def params(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+    subprocess.run([sys.executable, "-m", "seqvae", *COMMON, "--name", "whole"], cwd=tmp_path, env=env(data_dir), check=True, capture_output=True, timeout=600)
+    run = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "seqvae", *COMMON, "--name", "killed"], cwd=tmp_path, env=env(data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists():
+            steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if l.strip().endswith("}")]
+            if steps and steps[-1] >= 52:  # epoch 2 has begun (40 batches per epoch)
+                proc.send_signal(signal.SIGKILL)
+                killed_at = steps[-1]
+                break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and 0 < saved["position"] < 40  # the last checkpoint is mid-epoch
+    subprocess.run([sys.executable, "-m", "seqvae", "train", "draw", "--name", "killed", "--resume"], cwd=tmp_path, env=env(data_dir), check=True, capture_output=True, timeout=600)
+
+    whole, resumed = train_records(tmp_path / "runs" / "whole"), train_records(run)
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole]  # nothing duplicated, nothing lost
+    for a, b in zip(whole, resumed):
+        assert a.get("loss") == b.get("loss") and a.get("valid_elbo") == b.get("valid_elbo"), (a, b)
+    final_whole, final_resumed = params(tmp_path / "runs" / "whole"), params(run)
+    assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
+
+
+def test_checkpoint_holds_everything_needed_to_continue(tmp_path, data_dir):
+    cfg = build_config("vrnn", "quick", ["data.limit=32", "data.valid_limit=8", "train.epochs=1", "objective.kl_warmup=100", "train.progress=false"], "jsb_chorales", str(data_dir))
+    Trainer(cfg, tmp_path / "r", log=lambda m: None).fit()
+    state = C.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "position", "rng", "annealing", "config", "running"):
+        assert key in state, key
+    assert set(state["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert state["annealing"]["beta"] == pytest.approx(state["step"] / 100)
+    assert json.loads(state["config"])["model_kind"] == "vrnn"
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    C.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            return False
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left"):
+        C.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert C.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_corrupt_truncated_and_malicious_checkpoints_are_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    C.save_checkpoint(good, {"model": {"w": torch.ones(2)}})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(C.CheckpointError, match="truncated or corrupt"):
+        C.load_checkpoint(truncated)
+    (tmp_path / "noise.pt").write_bytes(os.urandom(500))
+    with pytest.raises(C.CheckpointError):
+        C.load_checkpoint(tmp_path / "noise.pt")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(C.CheckpointError, match="could run code"):
+        C.load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    with pytest.raises(C.CheckpointError, match="no checkpoint"):
+        C.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cli_refuses_a_malicious_checkpoint_with_a_clear_error(tmp_path, data_dir):
+    run = tmp_path / "runs" / "evil"
+    run.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"config": "{}", "model": Evil()}, run / "checkpoint.pt")
+    result = subprocess.run([sys.executable, "-m", "seqvae", "eval", "evil"], cwd=tmp_path, env=env(data_dir), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "could run code" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_no_unsafe_loading_anywhere_in_the_package():
+    for path in (REPO / "seqvae").glob("*.py"):
+        text = path.read_text()
+        assert "pickle.load(" not in text and "pickle.loads(" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, (path, line)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data_dir, monkeypatch):
+    import seqvae.train as T
+
+    cfg = build_config("draw", "quick", ["data.limit=640", "data.valid_limit=64", "train.epochs=1", "train.max_nonfinite=3", "train.log_every=1", "train.progress=false", "train.checkpoint_every=2"], None, str(data_dir))
+    real = T.bound
+    calls = {"n": 0, "bad": {3, 4}}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        value, carry = real(*args, **kwargs)
+        return (value * math.nan if calls["n"] in calls["bad"] else value), carry
+
+    monkeypatch.setattr(T, "bound", flaky)
+    trainer = Trainer(cfg, tmp_path / "r", log=lambda m: None)
+    before = {}
+
+    def snapshot():
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    batches = iter(T.batches(trainer.train_data, 64, seed=0, epoch=0))
+    for i in range(5):
+        before = snapshot()
+        stats = trainer.train_batch(next(batches)[1])
+        unchanged = all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+        assert unchanged == (i + 1 in calls["bad"]), i
+        assert math.isnan(stats["loss"]) == (i + 1 in calls["bad"])
+    assert trainer.nonfinite_total == 2 and trainer.nonfinite_in_row == 0 and trainer.step == 3
+
+    trainer.save()
+    calls["bad"] = set(range(1000))
+    with pytest.raises(TrainingError, match="3 optimiser steps in a row had a non-finite"):
+        for _, batch in batches:
+            trainer.train_batch(batch)
+    assert C.load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 3  # the last good checkpoint stays
