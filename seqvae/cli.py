@@ -209,7 +209,9 @@ def _has_latents(model) -> bool:
 def _usage_lines(usage) -> str:
     units = usage.active.shape[1]
     if usage.sequential:
-        head = f"  active units: {usage.active_units} of {units} (Cov_x(E_q[u]) > {usage.threshold}, pooled over time steps)"
+        relative = int((usage.prior_relative_variance > usage.threshold).sum())
+        head = (f"  active units: {usage.active_units} of {units} (Cov_x(E_q[u]) > {usage.threshold}, pooled over time steps); "
+                f"{relative} of {units} relative to the prior mean (Cov(E_q[u] - E_p[u]) > {usage.threshold})")
         kl = f"  KL: {usage.kl_total:.3f} nats per time step; per unit: " + " ".join(f"{v:.2f}" for v in usage.kl_per_unit.tolist())
     else:
         per_step = usage.active.sum(1).tolist()
@@ -283,9 +285,9 @@ def cmd_viz(args, extra: list[str]) -> int:
         i, length = 0, int(batch.lengths[0])
         binary = getattr(d, "binary", True)
         kl = trace.kl[i, :length] if trace.kl.shape[-1] else torch.zeros(length, 1)
-        what = "p(x_t | z_t, h_t-1), z_t from q" if config.model_kind == "vrnn" else "prediction p(x_t | x_<t)"
-        fig = viz.sequence_kl(batch.x[i, :length], kl, mean=trace.mean[i, :length], binary=binary,
-                              title=f"{config.model_kind} on {dc.name}/{args.split}, sequence 0; middle panel: {what}")
+        what = "decoder mean p(x_t | z_t, h_t-1) with z_t drawn from q" if config.model_kind == "vrnn" else "prediction p(x_t | x_<t)"
+        fig = viz.sequence_kl(batch.x[i, :length], kl, mean=trace.mean[i, :length], binary=binary, mean_label=what,
+                              title=f"{config.model_kind} on {dc.name}/{args.split}, sequence 0")
         viz.save_figure(fig, out)
     else:  # latents
         d = data().subset(args.limit)

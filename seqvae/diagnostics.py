@@ -17,6 +17,12 @@ dimensions of z"; this measures how many.
 
 KL per unit and per step: the analytic KL(q || p) of each unit at each step, averaged over
 the examples that have that step (per-unit values sum to the model's per-step KL).
+
+With a learned prior p(z_t | h_{t-1}) (VRNN), a posterior mean can move with h_{t-1} while
+the prior moves with it, carrying no information: Burda's criterion, written for a fixed
+prior, then counts the unit as active although its KL is zero. So we also report the same
+criterion on E_q[u] - E_p[u] (`prior_relative_*`), which equals Burda's for the fixed
+N(0, I) prior of DRAW and VRNN-I and tracks the KL for a learned prior.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class LatentUsage:
     count: Tensor  # (s,) examples that have each step
     pooled_variance: Tensor  # (z,) over all (example, step) pairs (the VRNN criterion)
     pooled_active: Tensor  # (z,) bool
+    prior_relative_variance: Tensor  # (z,) pooled Cov(E_q[u] - E_p[u]) (see the module docstring)
     threshold: float
     sequential: bool
 
@@ -84,6 +91,8 @@ class LatentUsage:
         }
         if not self.sequential:
             out["active_per_unit"] = self.active.sum(0).tolist()
+        out["active_units_relative_to_prior"] = int((self.prior_relative_variance > self.threshold).sum())
+        out["prior_relative_variance_per_unit"] = self.prior_relative_variance.tolist()
         return out
 
 
@@ -106,6 +115,7 @@ def latent_usage(
         raise ValueError(f"{type(model).__name__} has no latent variables: there is no latent usage to measure")
     sums = sq = kl_sum = count = None
     pooled_n, pooled_s, pooled_sq = 0, 0.0, 0.0
+    rel_s, rel_sq = 0.0, 0.0
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
         batch = data.batch(index, torch.Generator().manual_seed(start))
@@ -114,12 +124,14 @@ def latent_usage(
         if batch.lengths is not None:
             lengths = batch.lengths.to(device)
             mask = mask_from_lengths(lengths, x.shape[1]) if bool((lengths < x.shape[1]).any()) else None
-        mus, kls = [], []
+        mus, kls, rels = [], [], []
         for _ in range(samples):
             terms, _ = model.terms(x, mask=mask) if sequential else model.terms(x)
             mus.append(terms.posterior.base_dist.loc)
+            rels.append(terms.posterior.base_dist.loc - terms.prior.base_dist.loc)
             kls.append(terms.kl_per_unit())
         mu = torch.stack(mus).mean(0).double()  # (b, s, z) estimate of E_q[z | x]
+        rel = torch.stack(rels).mean(0).double()
         kl = torch.stack(kls).mean(0).double()
         w = torch.ones(mu.shape[:2], dtype=torch.float64, device=mu.device) if mask is None else mask.double()
         steps = mu.shape[1]
@@ -132,11 +144,14 @@ def latent_usage(
         pooled_n += float(w.sum())
         pooled_s = pooled_s + (mu * w[..., None]).sum((0, 1)).cpu()
         pooled_sq = pooled_sq + (mu.square() * w[..., None]).sum((0, 1)).cpu()
+        rel_s = rel_s + (rel * w[..., None]).sum((0, 1)).cpu()
+        rel_sq = rel_sq + (rel.square() * w[..., None]).sum((0, 1)).cpu()
     n = count[:, 0].clamp_min(1)
     mean = sums / n[:, None]
     variance = (sq / n[:, None] - mean.square()).clamp_min(0)
     pooled_mean = pooled_s / pooled_n
     pooled_var = (pooled_sq / pooled_n - pooled_mean.square()).clamp_min(0)
+    rel_var = (rel_sq / pooled_n - (rel_s / pooled_n).square()).clamp_min(0)
     return LatentUsage(
         variance=variance.float(),
         active=variance > threshold,
@@ -144,6 +159,7 @@ def latent_usage(
         count=count[:, 0].long(),
         pooled_variance=pooled_var.float(),
         pooled_active=pooled_var > threshold,
+        prior_relative_variance=rel_var.float(),
         threshold=threshold,
         sequential=sequential,
     )

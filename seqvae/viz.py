@@ -76,6 +76,14 @@ def image_grid(images: Tensor, *, nrow: int | None = None, title: str | None = N
     return fig
 
 
+def _note_range(rolls: list, low_note: int) -> tuple[float, float]:
+    """The y-limits covering the notes that sound (with a margin), not the whole keyboard."""
+    keys = [int(k) for r in rolls for k in (r.detach().float().cpu() > 0.05).any(0).nonzero().flatten().tolist()]
+    if not keys:
+        return low_note - 0.5, low_note + rolls[0].shape[-1] - 0.5
+    return low_note + min(keys) - 3.5, low_note + max(keys) + 3.5
+
+
 def piano_rolls(rolls: Tensor | list[Tensor], *, titles: list[str] | None = None, suptitle: str | None = None, low_note: int = 21):
     """Piano rolls (n, t, k) (or a list of (t_i, k)), one panel each: time across, MIDI note up.
 
@@ -85,6 +93,7 @@ def piano_rolls(rolls: Tensor | list[Tensor], *, titles: list[str] | None = None
     rolls = list(rolls)
     n = len(rolls)
     longest = max(r.shape[0] for r in rolls)
+    y_range = _note_range(rolls, low_note)
     fig = _figure(min(14.0, 2 + longest / 14), 1.6 * n + 0.6)
     axes = fig.subplots(n, 1, squeeze=False)[:, 0]
     for i, (ax, roll) in enumerate(zip(axes, rolls)):
@@ -94,6 +103,7 @@ def piano_rolls(rolls: Tensor | list[Tensor], *, titles: list[str] | None = None
             extent=(-0.5, roll.shape[0] - 0.5, low_note - 0.5, low_note + roll.shape[1] - 0.5),
         )
         ax.set_xlim(-0.5, longest - 0.5)
+        ax.set_ylim(*y_range)
         ax.set_ylabel("MIDI note", fontsize=8)
         if titles:
             ax.set_title(titles[i], fontsize=9, loc="left")
@@ -282,7 +292,7 @@ def glimpse_animation(trace, path, images: Tensor | None = None, *, read_size: i
 
 
 def sequence_kl(x: Tensor, kl: Tensor, *, mean: Tensor | None = None, title: str | None = None,
-                binary: bool = True, low_note: int = 21):
+                binary: bool = True, low_note: int = 21, mean_label: str = "the model's output mean at each step"):
     """A sequence (t, d) above its per-step KL per unit (t, z) as a heat map.
 
     Binary data are drawn as a piano roll (MIDI notes up, from low_note), other data as one
@@ -294,10 +304,12 @@ def sequence_kl(x: Tensor, kl: Tensor, *, mean: Tensor | None = None, title: str
     fig = _figure(min(14.0, 2.5 + x.shape[0] / 12), 1.9 * panels + 0.4)
     axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     extent = (-0.5, x.shape[0] - 0.5, low_note - 0.5, low_note + x.shape[1] - 0.5)
+    y_range = _note_range([x] if mean is None else [x, mean.detach()], low_note)
 
     def draw(ax, values, label):
         if binary:
             ax.imshow(values.T.numpy(), origin="lower", aspect="auto", cmap="gray_r", vmin=0, vmax=1, interpolation="nearest", extent=extent)
+            ax.set_ylim(*y_range)
             ax.set_ylabel("MIDI note", fontsize=8)
         else:
             ax.plot(values.numpy(), linewidth=0.8)
@@ -306,12 +318,15 @@ def sequence_kl(x: Tensor, kl: Tensor, *, mean: Tensor | None = None, title: str
 
     draw(axes[0], x, "data")
     if mean is not None:
-        draw(axes[1], mean.detach().float().cpu(), "model's predictive mean p(x_t | x_<t) at each step")
+        draw(axes[1], mean.detach().float().cpu(), mean_label)
     ax = axes[-1]
     im = ax.imshow(kl.T.numpy(), origin="lower", aspect="auto", cmap="magma", interpolation="nearest", extent=(-0.5, x.shape[0] - 0.5, -0.5, kl.shape[1] - 0.5))
     fig.colorbar(im, ax=list(axes[:-1]), fraction=0.03, pad=0.01).ax.set_visible(False)  # keep the panels aligned
     ax.set_ylabel("latent unit", fontsize=8)
     ax.set_xlabel("time step", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"KL(q || p) per unit and step (nats); total {float(kl.sum()):.1f}", fontsize=9, loc="left")
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     for a in axes:

@@ -67,3 +67,20 @@ def test_sequence_model_pools_over_real_steps_only():
     assert usage.active_units == 1 and usage.count.tolist() == [4, 3, 2, 2, 1]
     kl = 0.5 * (mu**2 + 0.25 - 1 - torch.log(torch.tensor(0.25)))
     torch.testing.assert_close(usage.kl_per_unit, kl.mean(0), rtol=1e-5, atol=1e-6)  # nats per time step
+
+
+def test_prior_relative_criterion_ignores_units_that_only_follow_the_prior():
+    class FollowsPrior(LinearEncoder):
+        """Posterior mean = prior mean = a function of x: Burda's criterion says active, KL says nothing."""
+
+        def terms(self, x, *, mask=None, state=None):
+            terms, _ = super().terms(x, mask=mask)
+            loc = terms.posterior.base_dist.loc
+            prior = Independent(Normal(loc.clone(), torch.full_like(loc, 0.5)), 1)
+            return Terms(terms.log_px, terms.posterior, prior, terms.z, mask), None
+
+    torch.manual_seed(2)
+    seqs = [torch.randn(4, 2) for _ in range(6)]
+    usage = latent_usage(FollowsPrior(torch.eye(2), torch.ones(4), sequential=True), SequenceData(seqs, name="toy"))
+    assert usage.active_units == 2  # Burda: the means vary with x
+    assert usage.to_dict()["active_units_relative_to_prior"] == 0 and usage.kl_total == 0

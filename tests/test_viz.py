@@ -82,7 +82,7 @@ def test_latent_and_sequence_figures(tmp_path):
     seq = (torch.rand(20, 10) > 0.7).float()
     terms, _ = vrnn.terms(seq[None])
     fig = viz.sequence_kl(seq, terms.kl_per_unit()[0], mean=torch.rand(20, 10), title="t")
-    assert len(fig.axes) == 4  # three panels and a colour bar
+    assert len(fig.axes) == 5  # three panels, a colour bar, and a hidden one that keeps the panels aligned
     viz.save_figure(fig, tmp_path / "seq.png")
     records = [{"kind": "train", "step": s, "loss": 10.0 - s} for s in range(1, 5)] + [
         {"kind": "valid", "epoch": e, "step": e, "valid_elbo": -5.0 + e, "valid_elbo_per_step": -1.0} for e in (1, 2)
