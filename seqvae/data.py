@@ -142,14 +142,13 @@ def _candidates(root: Path, spec: _Remote) -> list[Path]:
 
 
 def _missing_error(root: Path, specs: list[_Remote], why: str) -> DataError:
-    lines = [f"{why}. Expected these files under {root.resolve()}:"]
-    for spec in specs:
-        alt = f" (or {spec.name}.gz)" if spec.accept_gz else ""
-        lines.append(f"  {spec.folder}/{spec.name}{alt}   from {spec.url}")
-    lines.append(
-        "Download them there (or point --data-dir / SEQVAE_DATA at a folder that has them)."
+    files = "; ".join(
+        f"{spec.folder}/{spec.name}" + (f" (or {spec.name}.gz)" if spec.accept_gz else "") + f" from {spec.url}" for spec in specs
     )
-    return DataError("\n".join(lines))
+    return DataError(
+        f"{why}: expected {files}, under {root.resolve()}; put the file(s) there, or point --data-dir / SEQVAE_DATA "
+        "at a folder that has them"
+    )
 
 
 def _decompress(path: Path, raw: bytes) -> bytes:
