@@ -124,3 +124,10 @@ def test_bad_input_is_a_clear_error():
         seqvae.elbo(model, torch.zeros(0, 1, 12, 10))
     with pytest.raises(ValueError, match="floating-point"):
         seqvae.elbo(model, torch.zeros(2, 1, 12, 10, dtype=torch.long))
+
+
+def test_constructor_arguments_land_in_the_right_config_fields():
+    from dataclasses import asdict
+
+    cfg = DrawConfig(image_shape=(3, 9, 11), steps=4, hidden_size=12, z_size=5, read="none", write="filterbank", read_size=3, write_size=4, likelihood="gaussian")
+    assert asdict(DRAW(**asdict(cfg)).config) == asdict(cfg)

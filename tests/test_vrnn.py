@@ -125,3 +125,15 @@ def test_bad_input_is_a_clear_error():
         seqvae.elbo(model, x[0])
     with pytest.raises(ValueError, match="exceeds"):
         seqvae.elbo(model, x, lengths=torch.tensor([8, 5, 2, 7]))
+
+
+def test_constructor_arguments_land_in_the_right_config_fields():
+    from dataclasses import asdict
+
+    from seqvae.vrnn import RNNConfig, VRNNConfig
+
+    v = VRNNConfig(x_dim=7, hidden_size=9, z_size=3, cell="lstm", output="mixture", prior="standard", feature_size=11,
+                   x_layers=3, z_layers=2, posterior_layers=3, prior_layers=0, decoder_layers=4, components=2, min_scale=0.05)
+    assert asdict(VRNN(**asdict(v)).config) == asdict(v)
+    r = RNNConfig(x_dim=7, hidden_size=9, cell="lstm", output="gaussian", feature_size=11, x_layers=3, decoder_layers=4, components=2, min_scale=0.05)
+    assert asdict(RNN(**asdict(r)).config) == asdict(r)
