@@ -347,7 +347,7 @@ def latent_usage(usage, *, title: str | None = None):
     ax_bar.axhline(usage.threshold, color="k", linestyle="--", linewidth=0.8)
     ax_bar.set_yscale("log")
     ax_bar.set_xlabel("latent unit", fontsize=8)
-    ax_bar.set_ylabel("Cov_x(E_q[u])", fontsize=8)
+    ax_bar.set_ylabel("Cov_x(E_q[u])" + ("" if usage.sequential else ", max over steps"), fontsize=8)
     if usage.sequential:
         bar_title = f"{int(active.sum())} of {var.shape[0]} units active (pooled over time)"
     else:
