@@ -188,3 +188,38 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data_dir
         for _, batch in batches:
             trainer.train_batch(batch)
     assert C.load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 3  # the last good checkpoint stays
+
+
+def _as_if_written_on_a_gpu(path):
+    """Rewrite a checkpoint so that every tensor's storage is tagged 'cuda:0', byte for byte
+    what torch.save writes for CUDA tensors; no GPU is needed to make (or to load) it."""
+    import torch.serialization as S
+
+    payload = torch.load(path, weights_only=True)
+    for state in payload.get("rng", []):  # a GPU run also saves its CUDA generators' states
+        state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+    real = S.location_tag
+    S.location_tag = lambda storage: "cuda:0"
+    try:
+        torch.save(payload, path)
+    finally:
+        S.location_tag = real
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a CPU-only machine does with a GPU checkpoint")
+def test_a_gpu_checkpoint_loads_and_resumes_on_a_cpu_only_machine(tmp_path, data_dir):
+    from seqvae import configs
+    from seqvae.train import RunConfig, load_run, train
+
+    overrides = ["data.limit=256", "data.valid_limit=32", "train.epochs=1", "train.progress=false", "train.samples=4"]
+    _, model, run = train("draw", preset="quick", overrides=overrides, name="gpu", runs_dir=tmp_path, data_dir=str(data_dir), log=lambda m: None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("checkpoint.pt", "best.pt"):
+        _as_if_written_on_a_gpu(run / name)
+        with pytest.raises(RuntimeError, match="CUDA"):  # the files really claim CUDA storage
+            torch.load(run / name, weights_only=True)
+    _, loaded, _ = load_run(run)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in before.items())
+    config = configs.apply_override(RunConfig.from_dict(json.loads((run / "config.json").read_text())), "train.epochs=2")
+    Trainer(config, run, resume=True, log=lambda m: None).fit()  # optimiser state and RNGs load onto the CPU too
+    assert C.load_checkpoint(run / "checkpoint.pt")["epoch"] == 2
