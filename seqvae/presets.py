@@ -18,6 +18,13 @@ checked parser, so that anything a preset sets can be changed on the command lin
 
 from __future__ import annotations
 
+# The RNN baseline and the VRNN train on the same data with the same schedule, so that the
+# comparison in the README measures the latent variables and nothing else.
+_JSB_QUICK = ["data.name=jsb_chorales", "data.batch_size=16", "train.epochs=500", "train.time_limit=14", "train.patience=40",
+              "train.samples_every=50", "train.lr=0.003", "train.clip_grad=10", "train.samples=4"]
+_JSB_PAPER = ["data.name=jsb_chorales", "data.batch_size=16", "train.epochs=500", "train.lr=0.0003", "train.clip_grad=10",
+              "train.samples=4"]
+
 __all__ = ["PRESETS", "preset_overrides"]
 
 PRESETS: dict[tuple[str, str], list[str]] = {
@@ -66,54 +73,10 @@ PRESETS: dict[tuple[str, str], list[str]] = {
         "train.lr=0.001",
         "train.clip_grad=10",
     ],
-    ("vrnn", "quick"): [
-        "data.name=jsb_chorales",
-        "model.hidden_size=64",
-        "model.z_size=16",
-        "model.cell=gru",
-        "data.batch_size=16",
-        "train.epochs=500",
-        "train.time_limit=14",
-        "train.patience=40",
-        "train.samples_every=50",
-        "train.lr=0.003",
-        "train.clip_grad=10",
-        "train.samples=4",
-    ],
-    ("vrnn", "paper"): [
-        "data.name=jsb_chorales",
-        "model.hidden_size=256",
-        "model.z_size=64",
-        "model.cell=lstm",
-        "data.batch_size=16",
-        "train.epochs=500",
-        "train.lr=0.0003",
-        "train.clip_grad=10",
-        "train.samples=4",
-    ],
-    ("rnn", "quick"): [
-        "data.name=jsb_chorales",
-        "model.hidden_size=64",
-        "model.cell=gru",
-        "data.batch_size=16",
-        "train.epochs=500",
-        "train.time_limit=14",
-        "train.patience=40",
-        "train.samples_every=50",
-        "train.lr=0.003",
-        "train.clip_grad=10",
-        "train.samples=4",
-    ],
-    ("rnn", "paper"): [
-        "data.name=jsb_chorales",
-        "model.hidden_size=256",
-        "model.cell=lstm",
-        "data.batch_size=16",
-        "train.epochs=500",
-        "train.lr=0.0003",
-        "train.clip_grad=10",
-        "train.samples=4",
-    ],
+    ("vrnn", "quick"): ["model.hidden_size=64", "model.z_size=16", "model.cell=gru", *_JSB_QUICK],
+    ("vrnn", "paper"): ["model.hidden_size=256", "model.z_size=64", "model.cell=lstm", *_JSB_PAPER],
+    ("rnn", "quick"): ["model.hidden_size=64", "model.cell=gru", *_JSB_QUICK],
+    ("rnn", "paper"): ["model.hidden_size=256", "model.cell=lstm", *_JSB_PAPER],
 }
 
 
