@@ -14,9 +14,7 @@ wrong type or range is an error); errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import sys
 import time

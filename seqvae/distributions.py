@@ -17,7 +17,6 @@ recurrent neural networks", eqs 18-25).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -235,8 +234,3 @@ def make_head(name: str, **options: object) -> nn.Module:
     if name not in _HEADS:
         raise ValueError(f"unknown output distribution {name!r}: expected one of {', '.join(HEAD_NAMES)}")
     return _HEADS[name](**options)
-
-
-def log_normal_standard(z: Tensor) -> Tensor:
-    """log N(z; 0, I) summed over the last axis (a helper for tests and diagnostics)."""
-    return -0.5 * (z**2).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)

@@ -41,7 +41,7 @@ from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, sa
 from .configs import ConfigError, check
 from .data import DataConfig, DataError, ImageData, SequenceData, batches, load_dataset, num_batches
 from .draw import DRAW, DrawConfig
-from .objectives import Carry, ObjectiveConfig, bound, log_likelihood
+from .objectives import ObjectiveConfig, bound, log_likelihood
 from .sequences import mask_from_lengths
 from .vrnn import RNN, VRNN, RNNConfig, VRNNConfig
 

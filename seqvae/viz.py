@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .checkpoint import atomic_write_bytes

@@ -1,7 +1,6 @@
 """Data readers: canonical formats, checksums, safe unpickling, clear errors, resumable order."""
 
 import gzip
-import hashlib
 import io
 import os
 import pickle

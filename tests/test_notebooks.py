@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom, headless, with small settings (SEQVAE_NOTEBOOK_SMALL=1)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -1,7 +1,6 @@
 """Property-based tests (hypothesis) of the data readers and the config parser: round trips,
 and arbitrary input only ever produces the readers' own clear errors."""
 
-import io
 import pickle
 
 import numpy as np
