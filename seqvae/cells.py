@@ -2,34 +2,38 @@
 
 Dimensions: b batch, t time, i input features, d hidden units, g gate pre-activations.
 
-Every cell follows one contract: `cell(inputs, state, extra=None) -> state` with the state a
-`CellState(h, c)` (c is None for the GRU). `extra` (b, g) is an optional pre-computed
-contribution to the gate pre-activations. The maths are the standard cells, equal to
+A cell follows one contract: `cell(inputs, state) -> state`, with the state a
+`CellState(h, c)` (c is None for the GRU). The maths are the standard cells, equal to
 torch.nn.LSTMCell / torch.nn.GRUCell (see the tests):
 
     LSTM: i, f, o = sigmoid(.), g = tanh(.), c' = f c + i g, h' = o tanh(c')
     GRU:  r, u = sigmoid(W_ir x + W_hr h + b), n = tanh(W_in x + b_in + r (W_hn h + b_hn)),
           h' = (1 - u) n + u h
 
-For models that keep only the state-dependent work inside the time loop, a cell exposes its
-weights in pieces: `cell.parts(n_outside)` splits the input columns into the first
-`n_outside` inputs (to be projected for all steps at once, outside the loop), the remaining
-inputs (projected inside the loop) and the hidden state; `cell.update(gi, gh, state)`
-applies the elementwise update to the two projections. Their linear maps are `StepLinear`s,
-so inside `unrolled(...)` their weight gradients are computed once per sequence (linear.py).
+A cell's input may be several blocks side by side (`input_sizes`, e.g. [phi_x, phi_z] for
+the VRNN). For models that keep only the state-dependent work inside the time loop, the
+gate pre-activations come in pieces that add up to the whole:
+
+    gi = sum_j cell.input_gates(j, x_j, bias=(j == 0))   # a block that does not depend on the
+                                                          # state can be computed for all steps
+    gh = cell.hidden_gates(h)                             # inside the loop
+    state = cell.update(gi, gh, state)                    # the elementwise update
+
+Their linear maps are `BlockLinear`/`StepLinear`s, so inside `unrolled(...)` the large weight
+gradients are computed once per sequence (linear.py).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .linear import StepLinear
+from .linear import BlockLinear, StepLinear
 
-__all__ = ["CellState", "CellParts", "LSTMCell", "GRUCell", "lstm_update", "gru_update", "make_cell", "CELLS"]
+__all__ = ["CellState", "LSTMCell", "GRUCell", "lstm_update", "gru_update", "make_cell", "CELLS"]
 
 CELLS = ("lstm", "gru")
 
@@ -37,16 +41,6 @@ CELLS = ("lstm", "gru")
 class CellState(NamedTuple):
     h: Tensor  # (b, d)
     c: Tensor | None = None  # (b, d) LSTM memory; None for a GRU
-
-
-class CellParts(NamedTuple):
-    """gates = x_out W_out^T + b_out + x_in W_in^T, and h W_h^T + b_h (see update)."""
-
-    w_outside: Tensor  # (g, n_outside)
-    b_outside: Tensor  # (g,)
-    w_inside: Tensor  # (g, i - n_outside)
-    w_hidden: Tensor  # (g, d)
-    b_hidden: Tensor  # (g,)
 
 
 def lstm_update(gates: Tensor, c: Tensor) -> CellState:
@@ -74,30 +68,38 @@ def _uniform_init_(layer: StepLinear, hidden_size: int) -> None:
     nn.init.uniform_(layer.bias, -bound, bound)
 
 
+def _sizes(input_sizes: int | Sequence[int]) -> list[int]:
+    return [int(input_sizes)] if isinstance(input_sizes, int) else [int(n) for n in input_sizes]
+
+
 class LSTMCell(nn.Module):
     """LSTM cell with forget gate; gates in the order (input, forget, output, cell).
 
-    One linear map over [inputs, h]: weight (4d, i + d), input columns first.
+    One linear map over [inputs..., h]: weight (4d, i + d), input columns first.
     """
 
-    def __init__(self, input_size: int, hidden_size: int):
+    def __init__(self, input_sizes: int | Sequence[int], hidden_size: int):
         super().__init__()
-        self.input_size, self.hidden_size = input_size, hidden_size
-        self.linear = StepLinear(input_size + hidden_size, 4 * hidden_size)
+        sizes = _sizes(input_sizes)
+        self.input_size, self.hidden_size = sum(sizes), hidden_size
+        self.linear = BlockLinear([*sizes, hidden_size], 4 * hidden_size)
         _uniform_init_(self.linear, hidden_size)
 
     def initial_state(self, batch_size: int, like: Tensor) -> CellState:
         zeros = like.new_zeros(batch_size, self.hidden_size)
         return CellState(zeros, zeros)
 
-    def forward(self, inputs: Tensor | list[Tensor], state: CellState, extra: Tensor | None = None) -> CellState:
+    def forward(self, inputs: Tensor | list[Tensor], state: CellState) -> CellState:
         """inputs (b, i), or a list of tensors whose widths add up to i (concatenated once, with h)."""
         parts = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        return lstm_update(self.linear(torch.cat([*parts, state.h], dim=1), extra), state.c)
+        return lstm_update(self.linear(torch.cat([*parts, state.h], dim=1)), state.c)
 
-    def parts(self, n_outside: int) -> CellParts:
-        w, i = self.linear.weight, self.input_size
-        return CellParts(w[:, :n_outside], self.linear.bias, w[:, n_outside:i], w[:, i:], w.new_zeros(w.shape[0]))
+    def input_gates(self, i: int, x: Tensor, *, bias: bool = False) -> Tensor:
+        """Input block i's share of the gate pre-activations (the cell's bias with bias=True)."""
+        return self.linear.block(i, x, bias=bias)
+
+    def hidden_gates(self, h: Tensor) -> Tensor:
+        return self.linear.block(len(self.linear.in_sizes) - 1, h)
 
     def update(self, gi: Tensor, gh: Tensor, state: CellState) -> CellState:
         return lstm_update(gi + gh, state.c)
@@ -106,10 +108,11 @@ class LSTMCell(nn.Module):
 class GRUCell(nn.Module):
     """GRU cell (Cho et al. 2014, the torch.nn.GRUCell variant); gates (reset, update, new)."""
 
-    def __init__(self, input_size: int, hidden_size: int):
+    def __init__(self, input_sizes: int | Sequence[int], hidden_size: int):
         super().__init__()
-        self.input_size, self.hidden_size = input_size, hidden_size
-        self.ih = StepLinear(input_size, 3 * hidden_size)
+        sizes = _sizes(input_sizes)
+        self.input_size, self.hidden_size = sum(sizes), hidden_size
+        self.ih = BlockLinear(sizes, 3 * hidden_size)
         self.hh = StepLinear(hidden_size, 3 * hidden_size)
         _uniform_init_(self.ih, hidden_size)
         _uniform_init_(self.hh, hidden_size)
@@ -117,19 +120,23 @@ class GRUCell(nn.Module):
     def initial_state(self, batch_size: int, like: Tensor) -> CellState:
         return CellState(like.new_zeros(batch_size, self.hidden_size))
 
-    def forward(self, inputs: Tensor, state: CellState, extra: Tensor | None = None) -> CellState:
-        return CellState(gru_update(self.ih(inputs, extra), self.hh(state.h), state.h))
+    def forward(self, inputs: Tensor | list[Tensor], state: CellState) -> CellState:
+        x = torch.cat(list(inputs), dim=1) if isinstance(inputs, (list, tuple)) else inputs
+        return CellState(gru_update(self.ih(x), self.hh(state.h), state.h))
 
-    def parts(self, n_outside: int) -> CellParts:
-        w = self.ih.weight
-        return CellParts(w[:, :n_outside], self.ih.bias, w[:, n_outside:], self.hh.weight, self.hh.bias)
+    def input_gates(self, i: int, x: Tensor, *, bias: bool = False) -> Tensor:
+        """Input block i's share of W_i x + b_i (b_i with bias=True)."""
+        return self.ih.block(i, x, bias=bias)
+
+    def hidden_gates(self, h: Tensor) -> Tensor:
+        return self.hh(h)
 
     def update(self, gi: Tensor, gh: Tensor, state: CellState) -> CellState:
         return CellState(gru_update(gi, gh, state.h))
 
 
-def make_cell(name: str, input_size: int, hidden_size: int) -> nn.Module:
+def make_cell(name: str, input_sizes: int | Sequence[int], hidden_size: int) -> nn.Module:
     """A recurrent cell by name: "lstm" or "gru"."""
     if name not in CELLS:
         raise ValueError(f"unknown recurrent cell {name!r}: expected one of {', '.join(CELLS)}")
-    return (LSTMCell if name == "lstm" else GRUCell)(input_size, hidden_size)
+    return (LSTMCell if name == "lstm" else GRUCell)(input_sizes, hidden_size)

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Union
 
-__all__ = ["ConfigError", "to_dict", "from_dict", "parse_value", "apply_override", "check"]
+__all__ = ["ConfigError", "to_dict", "from_dict", "parse_value", "apply_override", "check", "configure"]
 
 
 class ConfigError(ValueError):
@@ -180,3 +180,22 @@ def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds (for the configs' validate methods)."""
     if not condition:
         raise ConfigError(message)
+
+
+def configure(config_cls: type, config: Any, options: dict[str, Any]) -> Any:
+    """A validated `config_cls` from a config (None: the defaults) and keyword options that
+    replace its fields; a model's constructor calls this, so its fields are declared once."""
+    if config is None:
+        config = config_cls()
+    elif not isinstance(config, config_cls):
+        raise TypeError(f"expected a {config_cls.__name__}, got {type(config).__name__}")
+    if options:
+        names = [f.name for f in dataclasses.fields(config_cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(unknown)}: the options are the fields of {config_cls.__name__} "
+                f"({', '.join(names)})"
+            )
+        config = dataclasses.replace(config, **options)
+    return config.validate()

@@ -29,9 +29,10 @@ from torch.distributions import (
     Independent,
     MixtureSameFamily,
     MultivariateNormal,
-    Normal,
     constraints,
 )
+
+from .terms import diagonal_normal
 
 __all__ = [
     "BernoulliHead",
@@ -70,7 +71,7 @@ class BernoulliHead(nn.Module):
         return d
 
     def forward(self, params: Tensor) -> Distribution:
-        return Independent(Bernoulli(logits=params), 1)
+        return Independent(Bernoulli(logits=params, validate_args=False), 1, validate_args=False)
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
@@ -110,7 +111,7 @@ class GaussianHead(nn.Module):
 
     def forward(self, params: Tensor) -> Distribution:
         loc, raw_scale = params.chunk(2, dim=-1)
-        return Independent(Normal(self._loc(loc), _scale(raw_scale, self.min_scale)), 1)
+        return diagonal_normal(self._loc(loc), _scale(raw_scale, self.min_scale))
 
     def mean(self, params: Tensor) -> Tensor:
         return self._loc(params.chunk(2, dim=-1)[0])
@@ -147,7 +148,7 @@ class MixtureHead(nn.Module):
 
     def forward(self, params: Tensor) -> Distribution:
         logits, loc, scale = self._split(params)
-        return MixtureSameFamily(Categorical(logits=logits), Independent(Normal(loc, scale), 1))
+        return MixtureSameFamily(Categorical(logits=logits, validate_args=False), diagonal_normal(loc, scale), validate_args=False)
 
     def mean(self, params: Tensor) -> Tensor:
         logits, loc, _ = self._split(params)
@@ -173,8 +174,10 @@ class StrokeDistribution(Distribution):
         tril = torch.stack(
             [torch.stack([s1, zeros], -1), torch.stack([corr * s2, s2 * torch.sqrt(1 - corr**2)], -1)], -2
         )
-        self.offsets = MixtureSameFamily(Categorical(logits=logits), MultivariateNormal(loc, scale_tril=tril))
-        self.eos = Bernoulli(logits=eos_logits)
+        self.offsets = MixtureSameFamily(
+            Categorical(logits=logits, validate_args=False), MultivariateNormal(loc, scale_tril=tril, validate_args=False), validate_args=False
+        )
+        self.eos = Bernoulli(logits=eos_logits, validate_args=False)
         super().__init__(batch_shape=eos_logits.shape, event_shape=torch.Size([3]), validate_args=False)
 
     def log_prob(self, value: Tensor) -> Tensor:

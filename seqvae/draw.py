@@ -15,6 +15,11 @@ Gaussian for grey/colour images in [0, 1]). The prior is p(z_t) = N(0, I) at eve
 KL term is analytic per step (see terms.py). Generation runs the decoder alone: z_t ~ N(0, I),
 h^dec_t = LSTM^dec(h^dec_{t-1}, z_t), c_t = c_{t-1} + write(h^dec_t).
 
+On the recurrent contract (recurrent.py) a glimpse is one `step(x, state)`; with no image
+(`step(None, state)`) the step generates. `score(x, outs, state)` gives the terms: log D(x | c_T)
+from the final state and the per-glimpse q(z_t | x, z_<t) and p(z_t). DRAW is not
+`sequential`: every step sees the whole image, which is scored once (no masks, no FIVO).
+
 The initial canvas c_0 and initial LSTM states are learned biases (initialised at zero).
 The sigmoid in x^_t is applied to the mean channels of the canvas; for a Gaussian likelihood
 the canvas has two channels per image channel (mean logits, then scale), written by the
@@ -27,18 +32,18 @@ z latent units, d hidden units.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent, Normal
 
 from .attention import HEADS, AttentionParams, make_read_head, make_write_head
 from .cells import CellState, LSTMCell
-from .linear import StepLinear, unrolled
-from .configs import check
+from .configs import check, configure
 from .distributions import make_head
-from .terms import Terms, standard_normal_like
+from .linear import StepLinear
+from .recurrent import RecurrentModel, generate, unroll
+from .terms import Terms, diagonal_normal, standard_normal_like
 
 __all__ = ["DRAW", "DrawConfig", "DrawState", "DrawStep", "DrawTrace", "IMAGE_LIKELIHOODS"]
 
@@ -60,6 +65,8 @@ class DrawConfig:
     likelihood: str = "bernoulli"
 
     def validate(self) -> "DrawConfig":
+        check(len(self.image_shape) == 3, f"model.image_shape must be 3 sizes (C, H, W), got {self.image_shape}")
+        self.image_shape = tuple(int(s) for s in self.image_shape)
         c, h, w = self.image_shape
         check(c >= 1 and h >= 1 and w >= 1, f"model.image_shape must be 3 positive sizes (C, H, W), got {self.image_shape}")
         check(self.steps >= 1, f"model.steps (T) must be at least 1, got {self.steps}")
@@ -79,6 +86,16 @@ class DrawConfig:
             f"model.likelihood must be one of {', '.join(IMAGE_LIKELIHOODS)}, got {self.likelihood!r}",
         )
         return self
+
+    def fit_data(self, info) -> dict[str, Any]:
+        """The fields a data set decides (unless set explicitly): the image shape."""
+        return {"image_shape": tuple(int(s) for s in info.shape)}
+
+    def check_data(self, info) -> None:
+        check(
+            tuple(self.image_shape) == tuple(info.shape),
+            f"model.image_shape={tuple(self.image_shape)} but {info.name} images are {tuple(info.shape)}",
+        )
 
 
 class DrawState(NamedTuple):
@@ -122,58 +139,36 @@ class DrawTrace:
         return self.canvases[:, -1]
 
 
-def _stack_att(atts: list[AttentionParams | None]) -> AttentionParams | None:
-    if not atts or atts[0] is None:
-        return None
-    return AttentionParams(*(torch.stack(field, dim=1) for field in zip(*atts)))
-
-
-class DRAW(nn.Module):
-    """DRAW with read and write heads chosen by name ("none" or "filterbank").
-
-    Keyword arguments mirror `DrawConfig`; each head has its own parameters and its own N.
-    """
+class DRAW(RecurrentModel):
+    """DRAW with read and write heads chosen by name ("none" or "filterbank"):
+    `DRAW(config)` or `DRAW(**fields of DrawConfig)`; each head has its own parameters and N."""
 
     sequential = False  # one image per example, not a sequence: no lengths, no masks
 
-    def __init__(
-        self,
-        *,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        steps: int = 64,
-        hidden_size: int = 256,
-        z_size: int = 100,
-        read: str = "filterbank",
-        write: str = "filterbank",
-        read_size: int = 2,
-        write_size: int = 5,
-        likelihood: str = "bernoulli",
-    ):
+    def __init__(self, config: DrawConfig | None = None, /, **options):
         super().__init__()
-        self.config = DrawConfig(
-            tuple(int(s) for s in image_shape), steps, hidden_size, z_size, read, write, read_size, write_size, likelihood
-        ).validate()
-        c, h, w = self.config.image_shape
-        self.image_shape = (c, h, w)
-        self.steps = steps
-        self.z_size = z_size
-        self.likelihood = make_head(likelihood, mean="sigmoid", min_scale=1.0 / 256)
+        self.config = cfg = configure(DrawConfig, config, options)
+        c, h, w = self.image_shape = cfg.image_shape
+        self.steps = cfg.steps
+        self.z_size = cfg.z_size
+        self.likelihood = make_head(cfg.likelihood, mean="sigmoid", min_scale=1.0 / 256)
         self.params_per_pixel = self.likelihood.num_params(1)
         canvas_shape = (c * self.params_per_pixel, h, w)
+        d = cfg.hidden_size
 
-        self.read_head = make_read_head(read, image_shape=self.image_shape, hidden_size=hidden_size, n=read_size)
-        self.encoder = LSTMCell(self.read_head.out_size + hidden_size, hidden_size)
-        self.posterior_net = StepLinear(hidden_size, 2 * z_size)  # q(z_t | h^enc_t): mu, log sigma
-        self.decoder = LSTMCell(z_size, hidden_size)
-        self.write_head = make_write_head(write, canvas_shape=canvas_shape, hidden_size=hidden_size, n=write_size)
+        self.read_head = make_read_head(cfg.read, image_shape=self.image_shape, hidden_size=d, n=cfg.read_size)
+        self.encoder = LSTMCell([self.read_head.out_size, d], d)
+        self.posterior_net = StepLinear(d, 2 * cfg.z_size)  # q(z_t | h^enc_t): mu, log sigma
+        self.decoder = LSTMCell(cfg.z_size, d)
+        self.write_head = make_write_head(cfg.write, canvas_shape=canvas_shape, hidden_size=d, n=cfg.write_size)
 
         # learned initial states c_0, h^enc_0, h^dec_0 (and the LSTM cells' c)
         self.canvas0 = nn.Parameter(torch.zeros(canvas_shape))
-        self.state0 = nn.Parameter(torch.zeros(4, hidden_size))
+        self.state0 = nn.Parameter(torch.zeros(4, d))
 
     @classmethod
     def from_config(cls, config: DrawConfig) -> "DRAW":
-        return cls(**vars(config))
+        return cls(config)
 
     # ------------------------------------------------------------------ recurrent contract
     def initial_state(self, batch_size: int) -> DrawState:
@@ -181,38 +176,41 @@ class DRAW(nn.Module):
         h_enc, c_enc, h_dec, c_dec = (s.expand(batch_size, -1) for s in self.state0)
         return DrawState(canvas, h_enc, c_enc, h_dec, c_dec)
 
+    def precompute(self, x: Tensor) -> list[Tensor]:
+        """Every glimpse sees the whole image."""
+        return [x] * self.steps
+
+    def step(self, x: Tensor | None, state: DrawState) -> tuple[DrawStep, DrawState]:
+        """One glimpse: read x, encode, z_t ~ q, decode, write (eqs 3-8); with x None, z_t ~ N(0, I)
+        through the decoder alone (generation)."""
+        if x is None:
+            z = torch.randn(state.h_dec.shape[0], self.z_size, device=state.h_dec.device, dtype=state.h_dec.dtype)
+            loc, scale, read_att = torch.zeros_like(z), torch.ones_like(z), None
+            h_enc, c_enc = state.h_enc, state.c_enc
+        else:
+            x_hat = x - self.mean_image(state.canvas)
+            r, read_att = self.read_head(x, x_hat, state.h_dec)
+            h_enc, c_enc = self.encoder([r, state.h_dec], CellState(state.h_enc, state.c_enc))
+            loc, log_scale = self.posterior_net(h_enc).chunk(2, dim=-1)
+            scale = log_scale.exp()
+            z = torch.addcmul(loc, scale, torch.randn_like(loc))  # fresh noise at every step
+        h_dec, c_dec = self.decoder(z, CellState(state.h_dec, state.c_dec))
+        update, write_att = self.write_head(h_dec)
+        step = DrawStep(z, loc, scale, read_att, write_att)
+        return step, DrawState(state.canvas + update, h_enc, c_enc, h_dec, c_dec)
+
+    def score(self, x: Tensor, outs: DrawStep, state: DrawState) -> Terms:
+        """log D(x | c_T) (b, 1) from the final canvas, and q(z_t | ..) and p(z_t) = N(0, I) per glimpse."""
+        output = self.likelihood(state.canvas.flatten(1))
+        log_px = output.log_prob(x.flatten(1))[:, None]  # (b, 1)
+        return Terms(log_px, diagonal_normal(outs.loc, outs.scale), standard_normal_like(outs.loc), outs.z, output=output)
+
     def mean_image(self, canvas: Tensor) -> Tensor:
         """The likelihood's mean image for a canvas: sigmoid(c) of the mean channels, (b, c, h, w)."""
         b = canvas.shape[0]
         return self.likelihood.mean(canvas.reshape(b, -1)).view(b, *self.image_shape)
 
-    def step(self, x: Tensor, state: DrawState) -> tuple[DrawStep, DrawState]:
-        """One glimpse of inference: read x, encode, sample z_t from q, decode, write (eqs 3-8)."""
-        x_hat = x - self.mean_image(state.canvas)
-        r, read_att = self.read_head(x, x_hat, state.h_dec)
-        h_enc, c_enc = self.encoder([r, state.h_dec], CellState(state.h_enc, state.c_enc))
-        loc, log_scale = self.posterior_net(h_enc).chunk(2, dim=-1)
-        scale = log_scale.exp()
-        z = torch.addcmul(loc, scale, torch.randn_like(loc))  # fresh noise at every step
-        h_dec, c_dec, canvas, write_att = self._decode(z, state)
-        return DrawStep(z, loc, scale, read_att, write_att), DrawState(canvas, h_enc, c_enc, h_dec, c_dec)
-
-    def generate_step(self, state: DrawState) -> tuple[DrawStep, DrawState]:
-        """One step of generation: z_t ~ N(0, I) through the decoder alone."""
-        z = torch.randn(state.h_dec.shape[0], self.z_size, device=state.h_dec.device, dtype=state.h_dec.dtype)
-        h_dec, c_dec, canvas, write_att = self._decode(z, state)
-        return (
-            DrawStep(z, torch.zeros_like(z), torch.ones_like(z), None, write_att),
-            DrawState(canvas, state.h_enc, state.c_enc, h_dec, c_dec),
-        )
-
-    def _decode(self, z: Tensor, state: DrawState):
-        h_dec, c_dec = self.decoder(z, CellState(state.h_dec, state.c_dec))
-        update, write_att = self.write_head(h_dec)
-        return h_dec, c_dec, state.canvas + update, write_att
-
-    # ------------------------------------------------------------------ what objectives use
-    def check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
         """Raise ValueError unless x is a batch of images this model can score."""
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
@@ -230,65 +228,29 @@ class DRAW(nn.Module):
             raise ValueError(f"expected floating-point images, got dtype {x.dtype}; convert with x.float()")
         self.likelihood.check(x, "the images")
 
-    def terms(self, x: Tensor, *, mask: None = None, state: None = None) -> tuple[Terms, DrawState]:
-        """Run inference on x (b, c, h, w): the per-step terms for the objectives, and the
-        state after the last glimpse. (mask and state exist for sequence models only.)"""
-        if mask is not None or state is not None:
-            raise ValueError("DRAW scores whole images: lengths, masks and carried states do not apply")
-        self.check_input(x)
-        steps, state = self._unroll(x, x.shape[0], record=False)[:2]
-        loc = torch.stack([s.loc for s in steps], dim=1)  # (b, t, z)
-        scale = torch.stack([s.scale for s in steps], dim=1)
-        z = torch.stack([s.z for s in steps], dim=1)
-        log_px = self.likelihood(state.canvas.flatten(1)).log_prob(x.flatten(1))[:, None]  # (b, 1)
-        return Terms(log_px, Independent(Normal(loc, scale), 1), standard_normal_like(loc), z), state
-
-    def forward(self, x: Tensor) -> tuple[Terms, DrawState]:
-        return self.terms(x)
-
     # ------------------------------------------------------------------ looking inside
-    def _unroll(self, x: Tensor | None, n: int, record: bool):
-        """The one time loop: inference when x is given, generation from the prior otherwise."""
-        state = self.initial_state(n)
-        steps, canvases = [], []
-        with unrolled(self):  # weight gradients once per sequence, not once per step
-            for _ in range(self.steps):
-                out, state = self.step(x, state) if x is not None else self.generate_step(state)
-                steps.append(out)
-                if record:
-                    canvases.append(self.mean_image(state.canvas))
-        return steps, state, canvases
-
-    def _trace(self, x: Tensor | None, n: int) -> DrawTrace:
-        steps, _, canvases = self._unroll(x, n, record=True)
-        return DrawTrace(
-            canvases=torch.stack(canvases, dim=1),
-            read=_stack_att([s.read for s in steps]),
-            write=_stack_att([s.write for s in steps]),
-            loc=torch.stack([s.loc for s in steps], dim=1),
-            scale=torch.stack([s.scale for s in steps], dim=1),
-        )
+    def _trace(self, run) -> DrawTrace:
+        outs, states = run.outs, run.states
+        b, t = states.canvas.shape[:2]
+        canvases = self.mean_image(states.canvas.flatten(0, 1)).view(b, t, *self.image_shape)
+        return DrawTrace(canvases=canvases, read=outs.read, write=outs.write, loc=outs.loc, scale=outs.scale)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> DrawTrace:
         """Canvases, read/write attention and posteriors of x, step by step."""
         self.check_input(x)
-        return self._trace(x, x.shape[0])
+        return self._trace(unroll(self, x, keep_states=True))
 
     @torch.no_grad()
     def generate(self, n: int) -> DrawTrace:
         """n samples from the prior, step by step (canvases and write attention)."""
-        if n < 1:
-            raise ValueError(f"n must be a positive number of samples, got {n}")
-        return self._trace(None, n)
+        return self._trace(generate(self, n, self.steps, keep_states=True))
 
     @torch.no_grad()
     def sample(self, n: int, *, mean: bool = True) -> Tensor:
         """n images from the model, (n, c, h, w): the mean image sigmoid(c_T) by default, or a
         draw from D(x | c_T) with mean=False."""
-        if n < 1:
-            raise ValueError(f"n must be a positive number of samples, got {n}")
-        _, state, _ = self._unroll(None, n, record=False)
+        state = generate(self, n, self.steps).state
         if mean:
             return self.mean_image(state.canvas)
         return self.likelihood(state.canvas.flatten(1)).sample().view(n, *self.image_shape)

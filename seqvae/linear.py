@@ -27,6 +27,12 @@ keep autograd's per-step gradient.
 
 `StepLinear` is a module holding (weight, bias) like torch.nn.Linear (weight (o, i)); inside
 `with unrolled(model):` every StepLinear of the model batches its weight gradient this way.
+
+`BlockLinear` is a StepLinear over several inputs [x_0, ..., x_{n-1}] laid side by side
+(one weight (o, sum of widths)): `block(i, x_i)` is input i's contribution alone. A model
+uses it to compute the part that sees the observations for all steps at once, outside the
+time loop, and the part that sees the recurrent state inside it, without touching the
+layer's weights itself. Inside `unrolled(...)` the weight is sliced once per sequence.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
-__all__ = ["Affine", "StepLinear", "unrolled", "BATCH_MIN_WEIGHTS"]
+__all__ = ["Affine", "StepLinear", "BlockLinear", "unrolled", "BATCH_MIN_WEIGHTS"]
 
 BATCH_MIN_WEIGHTS = 1 << 18  # batch the gradient of weights with at least this many elements
 
@@ -134,6 +140,32 @@ class StepLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+class BlockLinear(StepLinear):
+    """y = [x_0, ..., x_{n-1}] W^T + b over inputs of widths in_sizes; W is (out, sum in_sizes).
+
+    Initialised exactly as a StepLinear(sum(in_sizes), out). forward(x) takes the inputs
+    concatenated; block(i, x_i, bias=False) = x_i W_i^T (+ b), so that the blocks of all the
+    inputs, plus b once, add up to forward.
+    """
+
+    def __init__(self, in_sizes: list[int] | tuple[int, ...], out_features: int):
+        super().__init__(sum(in_sizes), out_features)
+        self.in_sizes = tuple(int(n) for n in in_sizes)
+        ends = [sum(self.in_sizes[: i + 1]) for i in range(len(self.in_sizes))]
+        self._slices = [slice(e - n, e) for e, n in zip(ends, self.in_sizes)]
+        self._block_weights: list[Tensor] | None = None
+
+    def block(self, i: int, x: Tensor, *, bias: bool = False) -> Tensor:
+        """Input i's contribution x_i W_i^T, (..., out); with bias=True plus b."""
+        w = self._block_weights[i] if self._block_weights is not None else self.weight[:, self._slices[i]]
+        if x.dim() == 2:
+            return torch.addmm(self.bias, x, w.t()) if bias else x @ w.t()
+        return torch.nn.functional.linear(x, w, self.bias if bias else None)
+
+    def extra_repr(self) -> str:
+        return f"in_sizes={self.in_sizes}, out_features={self.out_features}"
+
+
 @contextmanager
 def unrolled(*modules: nn.Module) -> Iterator[None]:
     """Batch the weight gradients of every StepLinear in `modules` for the loop inside."""
@@ -141,7 +173,11 @@ def unrolled(*modules: nn.Module) -> Iterator[None]:
     try:
         for layer in layers:
             layer._affine = Affine(layer.weight, layer.bias)
+            if isinstance(layer, BlockLinear):  # slice once per sequence, not once per step
+                layer._block_weights = [layer.weight[:, s] for s in layer._slices]
         yield
     finally:
         for layer in layers:
             layer._affine = None
+            if isinstance(layer, BlockLinear):
+                layer._block_weights = None

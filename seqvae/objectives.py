@@ -16,7 +16,7 @@ for sequences, x is (b, t, features) with optional `lengths` (b,) or `mask` (b, 
     log_likelihood(model, x)     the importance-sampling estimate log (1/k) sum_i w_i of log p(x)
                                  with k = 5000 samples, in chunks so that memory stays bounded
 
-All of them go through `bound`, which also evaluates one chunk of a sequence given the
+Objectives are registered by name (`register_objective`); all of them go through `bound`, which also evaluates one chunk of a sequence given the
 `Carry` of the chunks before it: the recurrent state of every particle, the log-weights
 accumulated since the last resampling, and the bound's value so far. A chunk returns its
 contribution, so that the contributions of consecutive chunks add up to the value of the
@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
 from .configs import check
-from .sequences import resolve_mask, where_state
+from .recurrent import map_state, unroll
+from .sequences import resolve_mask
 from .terms import Terms
 
 __all__ = [
@@ -53,10 +54,12 @@ __all__ = [
     "log_mean_exp",
     "free_bits_kl",
     "ObjectiveConfig",
+    "ObjectiveSpec",
     "OBJECTIVES",
+    "register_objective",
+    "get_objective",
+    "importance_log_likelihood",
 ]
-
-OBJECTIVES = ("elbo", "iwae", "fivo")
 
 
 def log_mean_exp(values: Tensor, dim: int = 0) -> Tensor:
@@ -106,8 +109,7 @@ class Carry(NamedTuple):
 
     def detach(self) -> "Carry":
         """Cut the graph between chunks (truncated backpropagation through time)."""
-        state = None if self.state is None else type(self.state)(*(None if s is None else s.detach() for s in self.state))
-        return Carry(state, self.log_w.detach(), self.acc.detach())
+        return Carry(map_state(Tensor.detach, self.state), self.log_w.detach(), self.acc.detach())
 
     def value(self) -> Tensor:
         """The bound's value so far, (b,): acc + log mean_k exp(log_w)."""
@@ -117,6 +119,38 @@ class Carry(NamedTuple):
 def _rows(t: Tensor | None, k: int) -> Tensor | None:
     """Repeat a per-example tensor for k particles: rows ordered (particle, example)."""
     return None if t is None else repeat(t, "b ... -> (k b) ...", k=k)
+
+
+# An objective's chunk function: (model, x, mask, carry, options) -> (value (b,), carry).
+ChunkFn = Callable[..., "tuple[Tensor, Carry]"]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A registered objective: its chunk function and what it needs of a model."""
+
+    name: str
+    chunk: ChunkFn
+    stepwise: bool = False  # scores one step at a time: needs a sequential model
+    multi_sample: bool = False  # k > 1 allowed
+    description: str = ""
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(name: str, chunk: ChunkFn, *, stepwise: bool = False, multi_sample: bool = False,
+                       description: str = "") -> ObjectiveSpec:
+    """Make `name` usable wherever an objective is named (bound, the trainer, the CLI)."""
+    spec = ObjectiveSpec(name, chunk, stepwise, multi_sample, description)
+    OBJECTIVES[name] = spec
+    return spec
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}: expected one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 def bound(
@@ -133,88 +167,101 @@ def bound(
 ) -> tuple[Tensor, Carry | None]:
     """The contribution of x (a whole input, or one chunk of a sequence) to a bound, (b,) nats.
 
-    name: "elbo", "iwae" or "fivo". For sequence models pass the previous chunk's carry
-    to continue a sequence (None starts one); the returned carry continues it. For images
-    (DRAW) there is no carry and FIVO does not apply.
+    name: a registered objective ("elbo", "iwae", "fivo"). For sequence models pass the
+    previous chunk's carry to continue a sequence (None starts one); the returned carry
+    continues it. For images (DRAW) there is no carry and FIVO does not apply. x is used as
+    given: validate data where they enter (the public functions below do).
     """
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}: expected one of {', '.join(OBJECTIVES)}")
+    spec = get_objective(name)
     _check_k(k)
-    if name == "elbo" and k != 1:
-        raise ValueError("the ELBO uses one sample per example; for k > 1 use iwae or fivo")
+    if k != 1 and not spec.multi_sample:
+        raise ValueError(f"the {name.upper()} uses one sample per example; for k > 1 use iwae or fivo")
     if free_bits and name != "elbo":
         raise ValueError("free bits apply to the ELBO's analytic KL term only")
     sequential = getattr(model, "sequential", False)
     if not sequential:
-        if name == "fivo":
+        if spec.stepwise:
             raise ValueError(
-                f"FIVO needs a sequence model that scores x step by step; {type(model).__name__} "
+                f"{name.upper()} needs a sequence model that scores x step by step; {type(model).__name__} "
                 "scores the whole image from its final canvas (use elbo or iwae)"
             )
         if carry is not None or mask is not None:
             raise ValueError(f"{type(model).__name__} scores whole images: masks and carries do not apply")
+    carry = Carry.start(x.shape[0], k, x) if carry is None else carry
+    value, carry = spec.chunk(model, x, k=k, mask=mask, carry=carry, beta=beta, free_bits=free_bits,
+                              resample_threshold=resample_threshold)
+    return value, carry if sequential else None
+
+
+def _elbo_chunk(model, x, *, mask, carry, beta, free_bits, **_):
+    run = unroll(model, x, mask=mask, state=carry.state)
+    value = run.terms.log_px.sum(-1) - beta * free_bits_kl(run.terms, free_bits).sum(-1)
+    return value, Carry(run.state, carry.log_w, carry.acc)
+
+
+def _iwae_chunk(model, x, *, k, mask, carry, beta, **_):
+    run = unroll(model, _rows(x, k), mask=_rows(mask, k), state=carry.state)
+    log_w = carry.log_w + rearrange(run.terms.log_weight(beta), "(k b) -> k b", k=k)
+    value = log_mean_exp(log_w, 0) - log_mean_exp(carry.log_w, 0)
+    return value, Carry(run.state, log_w, carry.acc)
+
+
+def _fivo_chunk(model, x, *, k, mask, carry, beta, resample_threshold, **_):
+    """A particle filter over the k particles: weights per step, resampling between steps.
+
+    Whether an example resamples is decided with tensor operations (ancestors are drawn at
+    every step and kept only where the effective sample size is low), so nothing here reads
+    a tensor's value on the host. With resample_threshold = 0 it never resamples (= IWAE).
+    """
     b = x.shape[0]
-    carry = Carry.start(b, k, x) if carry is None else carry
-
-    if name == "elbo":
-        terms, state = model.terms(x, mask=mask, state=carry.state)
-        value = terms.log_px.sum(-1) - beta * free_bits_kl(terms, free_bits).sum(-1)
-        return value, Carry(state, carry.log_w, carry.acc) if sequential else None
-
-    if name == "iwae":
-        terms, state = model.terms(_rows(x, k), mask=_rows(mask, k), state=carry.state)
-        log_w = carry.log_w + rearrange(terms.log_weight(beta), "(k b) -> k b", k=k)
-        value = log_mean_exp(log_w, 0) - log_mean_exp(carry.log_w, 0)
-        return value, Carry(state, log_w, carry.acc) if sequential else None
-
-    return _fivo_chunk(model, x, k, mask, carry, beta, resample_threshold)
-
-
-def _fivo_chunk(model, x, k, mask, carry, beta, threshold):
-    b, steps = x.shape[:2]
-    model.check_input(x, mask)
-    xr, mr = _rows(x, k), _rows(mask, k)
-    if mask is not None:
-        xr = xr.masked_fill(~mr[..., None], 0.0)
-    state = model.initial_state(k * b) if carry.state is None else carry.state
-    log_w, acc = carry.log_w, carry.acc
-    start = acc + log_mean_exp(log_w, 0)
     columns = torch.arange(b, device=x.device)
-    for t in range(steps):
-        out, new = model.step(xr[:, t], state)
-        inc = out.log_px + beta * (out.log_pz - out.log_qz)  # (k*b,)
-        if mr is not None:
-            inc = inc * mr[:, t]
-            new = where_state(mr[:, t], new, state)
-        state = new
-        log_w = log_w + rearrange(inc, "(k b) -> k b", k=k)
+    keep = torch.arange(k, device=x.device).expand(b, k)
+    log_threshold = math.log(resample_threshold * k) if resample_threshold > 0 else None
+    filt = {"log_w": carry.log_w, "acc": carry.acc}
+
+    def between(t: int, terms: Terms, state):
+        log_w = filt["log_w"] + rearrange(terms.log_weight(beta), "(k b) -> k b", k=k)
+        filt["log_w"] = log_w
+        if log_threshold is None:
+            return state
         # effective sample size (sum w)^2 / sum w^2, per example, in log space
         log_ess = 2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)
-        need = log_ess < math.log(threshold * k) if threshold > 0 else torch.zeros_like(log_ess, dtype=torch.bool)
+        need = log_ess < log_threshold  # (b,)
         if mask is not None:
             need = need & mask[:, t]
-        if need.any():
-            acc = acc + torch.where(need, log_mean_exp(log_w, 0), torch.zeros_like(acc))
-            with torch.no_grad():
-                ancestors = torch.multinomial(log_w.detach().t().softmax(-1), k, replacement=True)  # (b, k)
-                keep = torch.arange(k, device=x.device).expand(b, k)
-                ancestors = torch.where(need[:, None], ancestors, keep)
-                index = rearrange(ancestors * b + columns[:, None], "b k -> (k b)")
-            state = type(state)(*(None if s is None else s[index] for s in state))
-            log_w = torch.where(need, torch.zeros_like(log_w), log_w)
-    end = acc + log_mean_exp(log_w, 0)
-    return end - start, Carry(state, log_w, acc)
+        filt["acc"] = filt["acc"] + torch.where(need, log_mean_exp(log_w, 0), torch.zeros_like(filt["acc"]))
+        with torch.no_grad():  # the resampling itself is not differentiated
+            ancestors = torch.multinomial(log_w.detach().t().softmax(-1), k, replacement=True)  # (b, k)
+            ancestors = torch.where(need[:, None], ancestors, keep)
+            index = rearrange(ancestors * b + columns[:, None], "b k -> (k b)")
+        filt["log_w"] = torch.where(need, torch.zeros_like(log_w), log_w)
+        return map_state(lambda s: s[index], state)
+
+    start = carry.acc + log_mean_exp(carry.log_w, 0)
+    run = unroll(model, _rows(x, k), mask=_rows(mask, k), state=carry.state, between=between)
+    end = filt["acc"] + log_mean_exp(filt["log_w"], 0)
+    return end - start, Carry(run.state, filt["log_w"], filt["acc"])
+
+
+register_objective("elbo", _elbo_chunk, description="E_q[log p(x|z)] - KL(q || p), the KL analytic per step")
+register_objective("iwae", _iwae_chunk, multi_sample=True, description="the importance-weighted bound of Burda et al. (2015)")
+register_objective("fivo", _fivo_chunk, stepwise=True, multi_sample=True,
+                   description="the filtering variational objective of Maddison et al. (2017)")
 
 
 def _prepare(model, x: Tensor, lengths, mask) -> Tensor | None:
+    """Validate user data once, where it enters; the (b, t) mask for sequences."""
     if getattr(model, "sequential", False):
         if not isinstance(x, Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected sequences of shape (batch, time, features), got {shape}")
-        return resolve_mask(x, lengths, mask)
-    if lengths is not None or mask is not None:
+        mask = resolve_mask(x, lengths, mask)
+    elif lengths is not None or mask is not None:
         raise ValueError(f"{type(model).__name__} scores whole images: lengths and mask do not apply")
-    return None
+    check_input = getattr(model, "check_input", None)
+    if check_input is not None:
+        check_input(x, mask)
+    return mask
 
 
 def elbo(model, x: Tensor, *, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
@@ -224,6 +271,7 @@ def elbo(model, x: Tensor, *, lengths: Tensor | None = None, mask: Tensor | None
 
 def iwae_bound(model, x: Tensor, *, k: int = 50, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
     """The importance-weighted bound L_k of Burda et al. (2015) per example, (b,) nats."""
+    _check_k(k)
     return bound(model, x, name="iwae", k=k, mask=_prepare(model, x, lengths, mask))[0]
 
 
@@ -237,8 +285,11 @@ def fivo_bound(
     resample_threshold: float = 0.5,
 ) -> Tensor:
     """The filtering variational objective of Maddison et al. (2017) per sequence, (b,) nats."""
+    _check_k(k)
     if not 0 <= resample_threshold <= 1:
         raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
+    if not getattr(model, "sequential", False):
+        bound(model, x, name="fivo", k=k)  # raises the error that explains why
     return bound(
         model, x, name="fivo", k=k, mask=_prepare(model, x, lengths, mask), resample_threshold=resample_threshold
     )[0]
@@ -264,6 +315,12 @@ def log_likelihood(
     _check_k(k)
     _check_k(max_rows, "max_rows")
     mask = _prepare(model, x, lengths, mask)
+    return importance_log_likelihood(model, x, k=k, max_rows=max_rows, mask=mask)
+
+
+@torch.no_grad()
+def importance_log_likelihood(model, x: Tensor, *, k: int, max_rows: int = 8192, mask: Tensor | None = None) -> Tensor:
+    """`log_likelihood` on data already validated (the evaluation loop's entry)."""
     per_example = max(1, min(k, max_rows // max(1, x.shape[0])))
     batch = max(1, max_rows // per_example)
     out = []
@@ -273,7 +330,7 @@ def log_likelihood(
         total, done = None, 0
         while done < k:
             kc = min(per_example, k - done)
-            terms, _ = model.terms(_rows(xb, kc), mask=_rows(mb, kc))
+            terms = unroll(model, _rows(xb, kc), mask=_rows(mb, kc)).terms
             lse = torch.logsumexp(rearrange(terms.log_weight(), "(k b) -> k b", k=kc), dim=0)  # (b,)
             total = lse if total is None else torch.logaddexp(total, lse)
             done += kc
@@ -297,7 +354,8 @@ class ObjectiveConfig:
     def validate(self) -> "ObjectiveConfig":
         check(self.name in OBJECTIVES, f"objective.name must be one of {', '.join(OBJECTIVES)}, got {self.name!r}")
         check(self.k >= 1, f"objective.k must be a positive number of samples, got {self.k}")
-        check(self.name != "elbo" or self.k == 1, "objective.k > 1 needs objective.name=iwae or fivo")
+        multi = [n for n, spec in OBJECTIVES.items() if spec.multi_sample]
+        check(OBJECTIVES[self.name].multi_sample or self.k == 1, f"objective.k > 1 needs objective.name={' or '.join(multi)}")
         check(self.kl_warmup >= 0, f"objective.kl_warmup must be >= 0 steps, got {self.kl_warmup}")
         check(self.free_bits >= 0, f"objective.free_bits must be >= 0 nats, got {self.free_bits}")
         check(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["mask_from_lengths", "resolve_mask", "check_sequences", "where_state"]
+__all__ = ["mask_from_lengths", "resolve_mask", "check_sequences"]
 
 
 def mask_from_lengths(lengths: Tensor, steps: int) -> Tensor:
@@ -81,9 +81,3 @@ def check_sequences(x: Tensor, x_dim: int, head, mask: Tensor | None, where: str
     if not x.is_floating_point():
         raise ValueError(f"expected floating-point sequences, got dtype {x.dtype}; convert with x.float()")
     head.check(x if mask is None else x[mask], where)
-
-
-def where_state(mask: Tensor, new, old):
-    """Per row, the new state where mask (b,) is True and the old one elsewhere (None fields kept)."""
-    m = mask[:, None]
-    return type(new)(*(n if n is None else torch.where(m, n, o) for n, o in zip(new, old)))

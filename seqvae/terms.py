@@ -10,6 +10,12 @@ objectives (`seqvae.objectives`) turn these into bounds; a model knows nothing o
 For DRAW, t = 1 (the image is scored once, from the final canvas) and s = T glimpses.
 For sequence models t = s = sequence length and `mask` marks the real (unpadded) steps.
 A model without latent variables (the RNN baseline) has posterior = prior = z = None.
+`output` is the observation model's distribution p(x_t | ...) itself (batch (b, t)), for
+looking inside (its mean is what a reconstruction shows); objectives use log_px only.
+
+Distributions built by the models skip torch.distributions' argument validation
+(`validate_args=False`): validating reads tensor values back to the host at every step,
+which the time loop must never do. Data are validated once, where they enter.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-__all__ = ["Terms", "standard_normal_like"]
+__all__ = ["Terms", "standard_normal_like", "diagonal_normal"]
 
 
 @dataclass
@@ -30,6 +36,7 @@ class Terms:
     prior: Independent | None = None  # p(z_s | ...), batch (b, s), event (z,)
     z: Tensor | None = None  # (b, s, z) the sample drawn from q
     mask: Tensor | None = None  # (b, s) True on real steps; None = all real
+    output: Distribution | None = None  # p(x_t | ...), batch (b, t): for looking inside
 
     def _masked(self, values: Tensor) -> Tensor:
         return values if self.mask is None else values * self.mask
@@ -70,7 +77,7 @@ class Terms:
             if dist is None:
                 return None
             base = dist.base_dist
-            return Independent(type(base)(base.loc.detach(), base.scale.detach()), 1)
+            return diagonal_normal(base.loc.detach(), base.scale.detach())
 
         return Terms(
             self.log_px.detach(),
@@ -81,8 +88,13 @@ class Terms:
         )
 
 
+def diagonal_normal(loc: Tensor, scale: Tensor) -> Independent:
+    """N(loc, diag(scale^2)) over the last dimension (..., z), without argument validation."""
+    return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+
+
 def standard_normal_like(loc: Tensor) -> Independent:
     """N(0, I) with the batch shape of loc (..., z): the fixed prior of DRAW and VRNN-I."""
     zeros = torch.zeros((), dtype=loc.dtype, device=loc.device).expand_as(loc)
     ones = torch.ones((), dtype=loc.dtype, device=loc.device).expand_as(loc)
-    return Independent(Normal(zeros, ones), 1)
+    return diagonal_normal(zeros, ones)

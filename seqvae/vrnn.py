@@ -14,41 +14,44 @@ standard deviations come through a softplus (plus 1e-4 so they never reach zero)
 The RNN baseline has no latent variables: p(x_t | h_{t-1}) = head(decoder(h_{t-1})) and
 h_t = f(phi_x(x_t), h_{t-1}); its log-likelihood is exact.
 
-Two paths compute the same numbers (tested):
-  * `terms(x)`, the batched path used for training: only what depends on the recurrent
-    state runs inside the time loop (the posterior, phi_z, the cell). phi_x runs over all
-    steps at once; so do the parts of the posterior's first layer and of the cell's input
-    projection that see phi_x(x_t); the posterior's first layer and the cell's recurrent
-    weights are applied to h_{t-1} as one matrix product; the prior and the decoder run
-    over all steps after the loop, from the stacked h_{t-1} and phi_z(z_t).
-  * `initial_state(b)` / `step(x_t, state)`, one step at a time, used by FIVO (which
-    resamples particles between steps) and by anything that needs per-step control.
+Each model states its recurrence once, on the recurrent contract (recurrent.py):
 
-Dimensions: b batch, t time, d hidden units, f features, x data features (x_dim), z latents.
+  * `precompute(x)`: phi_x(x_t) for all steps at once, and its contributions to the
+    posterior's first layer and to the cell's gates (the nets' and the cell's `project` /
+    `input_gates`, batched over time);
+  * `step(inputs_t, state)`: only what depends on h_{t-1}: the posterior, z_t ~ q, phi_z(z_t)
+    and the cell. Given no inputs (generating), z_t comes from the prior and x_t from the
+    decoder, and x_t's features are computed in the step;
+  * `score(x, outs)`: the prior and the decoder over all steps at once, from the stacked
+    h_{t-1} and phi_z(z_t), and log p(x_t | z_t, h_{t-1}), q and p per step.
+
+Training, IWAE, FIVO (which scores one step at a time and resamples between steps),
+truncated BPTT, sampling and reconstructions all run this one step through
+`recurrent.unroll` / `recurrent.generate`.
+
+Dimensions: b batch, t time, d hidden units, f features, x data features (x_dim), z latents,
+g gate pre-activations, p output-head parameters.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
-from torch import Tensor, nn
-from torch.distributions import Independent, Normal, kl_divergence
+from torch import Tensor
 
 from .cells import CELLS, CellState, make_cell
-from .configs import check
+from .configs import check, configure
 from .distributions import HEAD_NAMES, make_head
-from .linear import Affine, StepLinear, unrolled
-from .sequences import check_sequences, where_state
-from .terms import Terms, standard_normal_like
+from .nets import MLP, GaussianNet, MLPHead
+from .recurrent import RecurrentModel, generate, unroll
+from .sequences import check_sequences, resolve_mask
+from .terms import Terms, diagonal_normal, standard_normal_like
 
-__all__ = ["VRNN", "RNN", "VRNNConfig", "RNNConfig", "SeqStep", "SequenceSample", "SequenceTrace", "PRIORS"]
+__all__ = ["VRNN", "RNN", "VRNNConfig", "RNNConfig", "VRNNStep", "RNNStep", "SequenceSample", "SequenceTrace", "PRIORS"]
 
 PRIORS = ("learned", "standard")
-MIN_STD = 1e-4
 
 
 @dataclass
@@ -79,6 +82,12 @@ class VRNNConfig:
         check(self.prior_layers >= 0, f"model.prior_layers must be at least 0, got {self.prior_layers}")
         return self
 
+    def fit_data(self, info) -> dict[str, Any]:
+        return _fit_sequences(info)
+
+    def check_data(self, info) -> None:
+        _check_sequences_fit(self, info)
+
 
 @dataclass
 class RNNConfig:
@@ -98,6 +107,25 @@ class RNNConfig:
         _check_common(self)
         return self
 
+    def fit_data(self, info) -> dict[str, Any]:
+        return _fit_sequences(info)
+
+    def check_data(self, info) -> None:
+        _check_sequences_fit(self, info)
+
+
+def _fit_sequences(info) -> dict[str, Any]:
+    """The fields a data set decides (unless set explicitly): the features per step."""
+    return {"x_dim": int(info.shape[-1])}
+
+
+def _check_sequences_fit(cfg, info) -> None:
+    check(cfg.x_dim == info.shape[-1], f"model.x_dim={cfg.x_dim} but {info.name} has {info.shape[-1]} features per step")
+    check(
+        cfg.output != "bernoulli" or info.binary,
+        f"the {info.name} data are not binary but model.output=bernoulli; choose --model.output=gaussian or mixture",
+    )
+
 
 def _check_common(cfg) -> None:
     check(cfg.x_dim >= 1, f"model.x_dim must be at least 1, got {cfg.x_dim}")
@@ -110,18 +138,6 @@ def _check_common(cfg) -> None:
     check(cfg.decoder_layers >= 1, f"model.decoder_layers must be at least 1, got {cfg.decoder_layers}")
     check(cfg.components >= 1, f"model.components must be at least 1, got {cfg.components}")
     check(cfg.min_scale > 0, f"model.min_scale must be positive, got {cfg.min_scale}")
-
-
-class SeqStep(NamedTuple):
-    """One step's terms, each (b,): log p(x_t|.), log p(z_t|.), log q(z_t|.), KL(q||p);
-    z (b, z) the sample (None without latents); params (b, p) the output head's parameters."""
-
-    log_px: Tensor
-    log_pz: Tensor
-    log_qz: Tensor
-    kl: Tensor
-    z: Tensor | None
-    params: Tensor | None = None
 
 
 @dataclass
@@ -143,74 +159,45 @@ class SequenceSample:
     mean: Tensor
 
 
-class MLP(nn.Module):
-    """Linear layers with a ReLU after each: sizes [in, h1, h2, ...]."""
-
-    def __init__(self, sizes: list[int]):
-        super().__init__()
-        self.layers = nn.ModuleList(StepLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = F.relu(layer(x))
-        return x
 
 
-class MLPHead(nn.Module):
-    """ReLU hidden layers then a linear output: sizes [in, h1, ..., out]."""
+class VRNNInput(NamedTuple):
+    """One step's inputs, precomputed from x_t: what the step adds to terms of h_{t-1}."""
 
-    def __init__(self, sizes: list[int]):
-        super().__init__()
-        self.layers = nn.ModuleList(StepLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.finish(self.layers[0](x))
-
-    def finish(self, first: Tensor) -> Tensor:
-        """The rest of the network given the first layer's pre-activation."""
-        x = first
-        for layer in self.layers[1:]:
-            x = layer(F.relu(x))
-        return x
+    posterior_x: Tensor  # (b, f) the posterior's first layer, phi_x(x_t) part and bias
+    cell_x: Tensor  # (b, g) the cell's gates, phi_x(x_t) part and input bias
 
 
-class GaussianNet(nn.Module):
-    """An MLP whose output is the mean and standard deviation of a diagonal Gaussian."""
+class VRNNStep(NamedTuple):
+    """One step's outputs (stacked over time by the unroll: (b, t, ...))."""
 
-    def __init__(self, in_size: int, hidden: list[int], z_size: int):
-        super().__init__()
-        self.net = MLPHead([in_size, *hidden, 2 * z_size])
-
-    @property
-    def first(self) -> StepLinear:
-        return self.net.layers[0]
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._split(self.net(x))
-
-    def finish(self, first: Tensor) -> tuple[Tensor, Tensor]:
-        return self._split(self.net.finish(first))
-
-    @staticmethod
-    def _split(out: Tensor) -> tuple[Tensor, Tensor]:
-        loc, raw = out.chunk(2, dim=-1)
-        return loc, F.softplus(raw) + MIN_STD
+    h: Tensor  # (b, d) h_{t-1}, the state the step started from
+    z: Tensor  # (b, z) the sample z_t
+    fz: Tensor  # (b, f) phi_z(z_t)
+    loc: Tensor  # (b, z) the mean and standard deviation z_t was drawn with
+    scale: Tensor  # (q when scoring x; p when generating)
+    x: Tensor | None = None  # (b, x) generating: the sampled x_t
+    params: Tensor | None = None  # (b, p) generating: the output head's parameters
 
 
-def _time_major(x: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is not None:  # padded steps are zeroed so that nothing there can leak into a result
-        x = x.masked_fill(~mask[..., None], 0.0)
-    return x.transpose(0, 1).contiguous()  # (t, b, x)
+class RNNInput(NamedTuple):
+    cell_x: Tensor  # (b, g) the cell's gates from phi_x(x_t), with the input bias
 
 
-class _SequenceModel(nn.Module):
-    """What VRNN and RNN share: config round trip, input checks, initial state, sampling."""
+class RNNStep(NamedTuple):
+    h: Tensor  # (b, d) h_{t-1}
+    x: Tensor | None = None  # generating: the sampled x_t
+    params: Tensor | None = None  # generating: the output head's parameters
+
+
+class _SequenceModel(RecurrentModel):
+    """What VRNN and RNN share: input checks, the initial state, sampling and reconstructions."""
 
     sequential = True
 
     @classmethod
     def from_config(cls, config):
-        return cls(**vars(config))
+        return cls(config)
 
     def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
         check_sequences(x, self.config.x_dim, self.head, mask)
@@ -219,228 +206,120 @@ class _SequenceModel(nn.Module):
         """h_0 = 0 (and c_0 = 0 for an LSTM) for a batch."""
         return self.cell.initial_state(batch_size, next(self.parameters()))
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, state: CellState | None = None):
-        return self.terms(x, mask=mask, state=state)
-
-    def terms(self, x: Tensor, *, mask: Tensor | None = None, state: CellState | None = None):
-        """Per-step terms of x (b, t, x) and the final state; state carries over chunks (TBPTT)."""
-        terms, state, _ = self._run(x, mask, state)
-        return terms, state
-
     @torch.no_grad()
     def reconstruct(self, x: Tensor, *, lengths: Tensor | None = None) -> SequenceTrace:
         """x (b, t, x) through the model once: output means, KL per unit and posterior means
         at every step (zero after each sequence's end)."""
-        from .sequences import resolve_mask
-
         mask = resolve_mask(x, lengths)
-        terms, _, params = self._run(x, mask, None)
+        self.check_input(x, mask)
+        terms = unroll(self, x, mask=mask).terms
         keep = 1.0 if mask is None else mask[..., None].to(x.dtype)
-        mean = rearrange(self.head.mean(params), "t b x -> b t x") * keep
+        mean = terms.output.mean * keep
         if terms.posterior is None:
             empty = x.new_zeros(*x.shape[:2], 0)
             return SequenceTrace(mean, empty, empty)
         return SequenceTrace(mean, terms.kl_per_unit(), terms.posterior.base_dist.loc * keep)
 
-
-class VRNN(_SequenceModel):
-    """The variational RNN; keyword arguments mirror `VRNNConfig`."""
-
-    def __init__(
-        self,
-        *,
-        x_dim: int = 88,
-        hidden_size: int = 100,
-        z_size: int = 16,
-        cell: str = "gru",
-        output: str = "bernoulli",
-        prior: str = "learned",
-        feature_size: int | None = None,
-        x_layers: int = 2,
-        z_layers: int = 1,
-        posterior_layers: int = 2,
-        prior_layers: int = 1,
-        decoder_layers: int = 2,
-        components: int = 5,
-        min_scale: float = 1e-3,
-    ):
-        super().__init__()
-        self.config = VRNNConfig(
-            x_dim, hidden_size, z_size, cell, output, prior, feature_size, x_layers, z_layers,
-            posterior_layers, prior_layers, decoder_layers, components, min_scale,
-        ).validate()
-        f, d = feature_size or hidden_size, hidden_size
-        self.feature_size, self.z_size = f, z_size
-        self.head = make_head(output, components=components, min_scale=min_scale)
-        self.phi_x = MLP([x_dim] + [f] * x_layers)  # phi^x
-        self.phi_z = MLP([z_size] + [f] * z_layers)  # phi^z
-        self.posterior_net = GaussianNet(f + d, [f] * posterior_layers, z_size)  # q(z_t | x_t, h_{t-1})
-        self.prior_net = GaussianNet(d, [f] * prior_layers, z_size) if prior == "learned" else None  # p(z_t | h_{t-1})
-        self.decoder = MLPHead([f + d] + [f] * decoder_layers + [self.head.num_params(x_dim)])  # p(x_t | z_t, h_{t-1})
-        self.cell = make_cell(cell, 2 * f, d)  # h_t = f([phi_x, phi_z], h_{t-1})
-
-    def _prior(self, h: Tensor) -> Independent:
-        if self.prior_net is None:
-            return standard_normal_like(h.new_zeros(*h.shape[:-1], self.z_size))
-        return Independent(Normal(*self.prior_net(h)), 1)
-
-    # ------------------------------------------------------------------ batched path
-    def _run(self, x: Tensor, mask: Tensor | None, state: CellState | None):
-        """The batched path: (Terms, final state, output parameters (t, b, p))."""
-        self.check_input(x, mask)
-        b, steps, _ = x.shape
-        f = self.feature_size
-        state = self.initial_state(b) if state is None else state
-        xt = _time_major(x, mask)  # (t, b, x)
-        fx = self.phi_x(xt)  # (t, b, f), all steps at once
-        first = self.posterior_net.first
-        f_post = first.out_features
-        post_x = F.linear(fx, first.weight[:, :f], first.bias)  # (t, b, f_post): posterior's first layer, phi_x part
-        parts = self.cell.parts(f)
-        cell_x = F.linear(fx, parts.w_outside, parts.b_outside)  # (t, b, g): cell input, phi_x part
-        g = cell_x.shape[-1]
-        # h_{t-1} enters the posterior's first layer and the cell's gates: one product per step.
-        h_map = Affine(torch.cat([first.weight[:, f:], parts.w_hidden]), torch.cat([first.bias.new_zeros(f_post), parts.b_hidden]))
-        z_map = Affine(parts.w_inside, parts.b_outside.new_zeros(g))  # phi_z part of the cell input
-        padded = None if mask is None else rearrange(mask, "b t -> t b")
-        # unbind once: indexing a batched tensor at every step would make autograd allocate a
-        # sequence-sized zero gradient per step (quadratic in t); unbind's backward is one stack
-        post_x, cell_x = post_x.unbind(0), cell_x.unbind(0)
-        hs, zs, fzs, locs, scales = [], [], [], [], []
-        with unrolled(self.posterior_net, self.phi_z):
-            for t in range(steps):
-                h_post, gh = h_map(state.h).split([f_post, g], dim=1)
-                loc, scale = self.posterior_net.finish(post_x[t] + h_post)
-                z = torch.addcmul(loc, scale, torch.randn_like(loc))
-                fz = self.phi_z(z)
-                new = self.cell.update(z_map(fz, cell_x[t]), gh, state)
-                hs.append(state.h)
-                zs.append(z)
-                fzs.append(fz)
-                locs.append(loc)
-                scales.append(scale)
-                state = new if padded is None else where_state(padded[t], new, state)
-        h_prev = torch.stack(hs)  # (t, b, d): h_{t-1} at each step
-        z = torch.stack(zs)  # (t, b, z)
-        params = self.decoder(torch.cat([torch.stack(fzs), h_prev], dim=-1))  # (t, b, p), all steps at once
-        log_px = self.head(params).log_prob(xt)  # (t, b)
-        posterior = Independent(Normal(torch.stack(locs), torch.stack(scales)), 1)
-        log_px = log_px.t() if mask is None else log_px.t() * mask
-        terms = Terms(log_px, _batch_first(posterior), _batch_first(self._prior(h_prev)), rearrange(z, "t b z -> b t z"), mask)
-        return terms, state, params
-
-    # ------------------------------------------------------------------ stepwise path
-    def step(self, x_t: Tensor, state: CellState) -> tuple[SeqStep, CellState]:
-        """One step for x_t (b, x): sample z_t from q, score x_t, advance the state."""
-        fx = self.phi_x(x_t)
-        loc, scale = self.posterior_net(torch.cat([fx, state.h], dim=1))
-        z = torch.addcmul(loc, scale, torch.randn_like(loc))
-        fz = self.phi_z(z)
-        q = Independent(Normal(loc, scale), 1)
-        p = self._prior(state.h)
-        params = self.decoder(torch.cat([fz, state.h], dim=1))
-        log_px = self.head(params).log_prob(x_t)
-        new = self.cell(torch.cat([fx, fz], dim=1), state)
-        return SeqStep(log_px, p.log_prob(z), q.log_prob(z), kl_divergence(q, p), z, params), new
-
     @torch.no_grad()
     def generate(self, n: int, steps: int) -> SequenceSample:
-        """Ancestral sampling: z_t ~ p(z_t | h_{t-1}), x_t ~ p(x_t | z_t, h_{t-1}), fed back."""
-        _check_sample_args(n, steps)
-        state = self.initial_state(n)
-        xs, means = [], []
-        for _ in range(steps):
-            prior = self._prior(state.h)
-            z = prior.sample()
-            fz = self.phi_z(z)
-            params = self.decoder(torch.cat([fz, state.h], dim=1))
-            x_t = self.head(params).sample()
-            xs.append(x_t)
-            means.append(self.head.mean(params))
-            state = self.cell(torch.cat([self.phi_x(x_t), fz], dim=1), state)
-        return SequenceSample(torch.stack(xs, 1), torch.stack(means, 1))
+        """Ancestral sampling of n sequences of `steps` steps: the samples and the output means."""
+        outs = generate(self, n, steps).outs
+        return SequenceSample(outs.x, self.head.mean(outs.params))
 
     def sample(self, n: int, steps: int) -> Tensor:
         """n sequences of `steps` steps, (n, steps, x)."""
         return self.generate(n, steps).x
 
 
-class RNN(_SequenceModel):
-    """The RNN baseline without latent variables; keyword arguments mirror `RNNConfig`."""
+class VRNN(_SequenceModel):
+    """The variational RNN: `VRNN(config)` or `VRNN(**fields of VRNNConfig)`."""
 
-    def __init__(
-        self,
-        *,
-        x_dim: int = 88,
-        hidden_size: int = 100,
-        cell: str = "gru",
-        output: str = "bernoulli",
-        feature_size: int | None = None,
-        x_layers: int = 2,
-        decoder_layers: int = 2,
-        components: int = 5,
-        min_scale: float = 1e-3,
-    ):
+    def __init__(self, config: VRNNConfig | None = None, /, **options):
         super().__init__()
-        self.config = RNNConfig(
-            x_dim, hidden_size, cell, output, feature_size, x_layers, decoder_layers, components, min_scale
-        ).validate()
-        f, d = feature_size or hidden_size, hidden_size
+        self.config = cfg = configure(VRNNConfig, config, options)
+        f, d = cfg.feature_size or cfg.hidden_size, cfg.hidden_size
+        self.feature_size, self.z_size = f, cfg.z_size
+        self.head = make_head(cfg.output, components=cfg.components, min_scale=cfg.min_scale)
+        self.phi_x = MLP([cfg.x_dim] + [f] * cfg.x_layers)  # phi^x
+        self.phi_z = MLP([cfg.z_size] + [f] * cfg.z_layers)  # phi^z
+        self.posterior_net = GaussianNet([f, d], [f] * cfg.posterior_layers, cfg.z_size)  # q(z_t | x_t, h_{t-1})
+        learned = cfg.prior == "learned"
+        self.prior_net = GaussianNet([d], [f] * cfg.prior_layers, cfg.z_size) if learned else None  # p(z_t | h_{t-1})
+        self.decoder = MLPHead([f, d], [f] * cfg.decoder_layers + [self.head.num_params(cfg.x_dim)])  # p(x_t | z_t, h_{t-1})
+        self.cell = make_cell(cfg.cell, [f, f], d)  # h_t = f([phi_x, phi_z], h_{t-1})
+
+    def prior(self, h: Tensor):
+        """p(z_t | h_{t-1}) for h (..., d): learned, or N(0, I) for VRNN-I."""
+        if self.prior_net is None:
+            return standard_normal_like(h.new_zeros(*h.shape[:-1], self.z_size))
+        return diagonal_normal(*self.prior_net(h))
+
+    def precompute(self, x: Tensor) -> list[VRNNInput]:
+        fx = self.phi_x(x.transpose(0, 1))  # (t, b, f), all steps at once, time-major so that steps are contiguous
+        posterior_x = self.posterior_net.project(0, fx, bias=True)  # (t, b, f)
+        cell_x = self.cell.input_gates(0, fx, bias=True)  # (t, b, g)
+        # unbind once: indexing a batched tensor at every step would make autograd allocate a
+        # sequence-sized zero gradient per step (quadratic in t); unbind's backward is one stack
+        return [VRNNInput(*parts) for parts in zip(posterior_x.unbind(0), cell_x.unbind(0))]
+
+    def step(self, inputs: VRNNInput | None, state: CellState) -> tuple[VRNNStep, CellState]:
+        """z_t ~ q(z_t | x_t, h_{t-1}) (or ~ p(z_t | h_{t-1}) when generating), then h_t."""
+        h = state.h
+        if inputs is None:  # generating: z_t from the prior, x_t from the decoder
+            prior = self.prior(h)
+            z = prior.sample()
+            loc, scale = prior.base_dist.loc, prior.base_dist.scale
+            fz = self.phi_z(z)
+            params = self.decoder(torch.cat([fz, h], dim=-1))
+            x = self.head(params).sample()
+            cell_x = self.cell.input_gates(0, self.phi_x(x), bias=True)
+            out = VRNNStep(h, z, fz, loc, scale, x, params)
+        else:
+            loc, scale = self.posterior_net.finish(inputs.posterior_x + self.posterior_net.project(1, h))
+            z = torch.addcmul(loc, scale, torch.randn_like(loc))
+            fz = self.phi_z(z)
+            cell_x = inputs.cell_x
+            out = VRNNStep(h, z, fz, loc, scale)
+        gates = cell_x + self.cell.input_gates(1, fz)
+        return out, self.cell.update(gates, self.cell.hidden_gates(h), state)
+
+    def score(self, x: Tensor, outs: VRNNStep, state: Any = None) -> Terms:
+        """log p(x_t | z_t, h_{t-1}), q and p for x (b, t, x), the decoder and prior batched over t."""
+        output = self.head(self.decoder(torch.cat([outs.fz, outs.h], dim=-1)))  # batch (b, t)
+        posterior = diagonal_normal(outs.loc, outs.scale)
+        return Terms(output.log_prob(x), posterior, self.prior(outs.h), outs.z, output=output)
+
+
+class RNN(_SequenceModel):
+    """The RNN baseline without latent variables: `RNN(config)` or `RNN(**fields of RNNConfig)`."""
+
+    def __init__(self, config: RNNConfig | None = None, /, **options):
+        super().__init__()
+        self.config = cfg = configure(RNNConfig, config, options)
+        f, d = cfg.feature_size or cfg.hidden_size, cfg.hidden_size
         self.feature_size = f
-        self.head = make_head(output, components=components, min_scale=min_scale)
-        self.phi_x = MLP([x_dim] + [f] * x_layers)
-        self.decoder = MLPHead([d] + [f] * decoder_layers + [self.head.num_params(x_dim)])  # p(x_t | h_{t-1})
-        self.cell = make_cell(cell, f, d)  # h_t = f(phi_x(x_t), h_{t-1})
+        self.head = make_head(cfg.output, components=cfg.components, min_scale=cfg.min_scale)
+        self.phi_x = MLP([cfg.x_dim] + [f] * cfg.x_layers)
+        self.decoder = MLPHead([d], [f] * cfg.decoder_layers + [self.head.num_params(cfg.x_dim)])  # p(x_t | h_{t-1})
+        self.cell = make_cell(cfg.cell, f, d)  # h_t = f(phi_x(x_t), h_{t-1})
 
-    def _run(self, x: Tensor, mask: Tensor | None, state: CellState | None):
-        self.check_input(x, mask)
-        b, steps, _ = x.shape
-        state = self.initial_state(b) if state is None else state
-        xt = _time_major(x, mask)
-        parts = self.cell.parts(self.feature_size)
-        cell_x = F.linear(self.phi_x(xt), parts.w_outside, parts.b_outside).unbind(0)  # t x (b, g)
-        h_map = Affine(parts.w_hidden, parts.b_hidden)
-        padded = None if mask is None else rearrange(mask, "b t -> t b")
-        hs = []
-        for t in range(steps):
-            new = self.cell.update(cell_x[t], h_map(state.h), state)
-            hs.append(state.h)
-            state = new if padded is None else where_state(padded[t], new, state)
-        params = self.decoder(torch.stack(hs))  # (t, b, p)
-        log_px = self.head(params).log_prob(xt).t()  # (b, t)
-        return Terms(log_px if mask is None else log_px * mask, mask=mask), state, params
+    def precompute(self, x: Tensor) -> list[RNNInput]:
+        cell_x = self.cell.input_gates(0, self.phi_x(x.transpose(0, 1)), bias=True)  # (t, b, g)
+        return [RNNInput(g) for g in cell_x.unbind(0)]
 
-    def step(self, x_t: Tensor, state: CellState) -> tuple[SeqStep, CellState]:
-        params = self.decoder(state.h)
-        log_px = self.head(params).log_prob(x_t)
-        zero = torch.zeros_like(log_px)
-        return SeqStep(log_px, zero, zero, zero, None, params), self.cell(self.phi_x(x_t), state)
+    def step(self, inputs: RNNInput | None, state: CellState) -> tuple[RNNStep, CellState]:
+        """h_t from x_t (x_t sampled from p(x_t | h_{t-1}) when generating)."""
+        h = state.h
+        if inputs is None:
+            params = self.decoder(h)
+            x = self.head(params).sample()
+            cell_x = self.cell.input_gates(0, self.phi_x(x), bias=True)
+            out = RNNStep(h, x, params)
+        else:
+            cell_x = inputs.cell_x
+            out = RNNStep(h)
+        return out, self.cell.update(cell_x, self.cell.hidden_gates(h), state)
 
-    @torch.no_grad()
-    def generate(self, n: int, steps: int) -> SequenceSample:
-        _check_sample_args(n, steps)
-        state = self.initial_state(n)
-        xs, means = [], []
-        for _ in range(steps):
-            params = self.decoder(state.h)
-            x_t = self.head(params).sample()
-            xs.append(x_t)
-            means.append(self.head.mean(params))
-            state = self.cell(self.phi_x(x_t), state)
-        return SequenceSample(torch.stack(xs, 1), torch.stack(means, 1))
-
-    def sample(self, n: int, steps: int) -> Tensor:
-        return self.generate(n, steps).x
-
-
-def _batch_first(dist: Independent) -> Independent:
-    """A (t, b, z) diagonal Gaussian as a (b, t, z) one."""
-    loc, scale = (rearrange(p, "t b z -> b t z") for p in (dist.base_dist.loc, dist.base_dist.scale))
-    return Independent(Normal(loc, scale), 1)
-
-
-def _check_sample_args(n: int, steps: int) -> None:
-    if n < 1:
-        raise ValueError(f"n must be a positive number of sequences, got {n}")
-    if steps < 1:
-        raise ValueError(f"steps must be a positive number of time steps, got {steps}")
+    def score(self, x: Tensor, outs: RNNStep, state: Any = None) -> Terms:
+        output = self.head(self.decoder(outs.h))  # p(x_t | h_{t-1}), batch (b, t)
+        return Terms(output.log_prob(x), output=output)

@@ -1,10 +1,12 @@
 """Recurrent cells equal torch.nn's; batched weight gradients equal autograd's."""
 
+import contextlib
+
 import pytest
 import torch
 
 from seqvae.cells import CellState, GRUCell, LSTMCell
-from seqvae.linear import Affine, StepLinear, unrolled
+from seqvae.linear import Affine, BlockLinear, StepLinear, unrolled
 
 
 def test_lstm_cell_equals_torch():
@@ -39,16 +41,35 @@ def test_gru_cell_equals_torch():
 
 
 @pytest.mark.parametrize("cell_cls", [LSTMCell, GRUCell])
-def test_cell_parts_recompose_the_cell(cell_cls):
+@pytest.mark.parametrize("inside", [False, True])
+def test_gate_pieces_recompose_the_cell(cell_cls, inside):
+    """input_gates per input block + hidden_gates, through update, equal the cell on the whole input."""
     torch.manual_seed(2)
-    cell = cell_cls(6, 4).double()
+    cell = cell_cls([2, 4], 4).double()
     x, h = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     state = CellState(h, torch.randn(3, 4, dtype=torch.float64) if cell_cls is LSTMCell else None)
-    p = cell.parts(2)
-    gi = x[:, :2] @ p.w_outside.t() + p.b_outside + x[:, 2:] @ p.w_inside.t()
-    gh = h @ p.w_hidden.t() + p.b_hidden
-    got, want = cell.update(gi, gh, state), cell(x, state)
+    with unrolled(cell) if inside else contextlib.nullcontext():  # weights sliced once per sequence inside
+        gi = cell.input_gates(0, x[:, :2], bias=True) + cell.input_gates(1, x[:, 2:])
+        got = cell.update(gi, cell.hidden_gates(h), state)
+    want = cell([x[:, :2], x[:, 2:]], state)
     torch.testing.assert_close(got.h, want.h)
+    torch.testing.assert_close(want.h, cell(x, state).h)
+
+
+def test_block_linear_blocks_add_up_to_the_layer():
+    torch.manual_seed(5)
+    layer = BlockLinear([3, 2, 4], 5).double()
+    xs = [torch.randn(6, n, dtype=torch.float64) for n in (3, 2, 4)]
+    whole = layer(torch.cat(xs, 1))
+    torch.testing.assert_close(layer.block(0, xs[0], bias=True) + layer.block(1, xs[1]) + layer.block(2, xs[2]), whole)
+    seq = [torch.randn(7, 6, n, dtype=torch.float64) for n in (3, 2, 4)]  # leading time dimension
+    torch.testing.assert_close(sum(layer.block(i, s) for i, s in enumerate(seq)) + layer.bias, layer(torch.cat(seq, -1)))
+    torch.manual_seed(6)
+    a = BlockLinear([3, 2, 4], 5)
+    torch.manual_seed(6)
+    b = StepLinear(9, 5)
+    torch.testing.assert_close(a.weight, b.weight)  # initialised like one layer over the concatenation
+    torch.testing.assert_close(a.bias, b.bias)
 
 
 def test_batched_weight_gradient_equals_autograd():

@@ -11,8 +11,8 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 import seqvae
 from seqvae.objectives import Carry, bound
-from seqvae.terms import Terms, standard_normal_like
-from seqvae.vrnn import SeqStep
+from seqvae.recurrent import RecurrentModel
+from seqvae.terms import Terms, diagonal_normal, standard_normal_like
 
 
 
@@ -25,10 +25,16 @@ def _float64():
     torch.set_default_dtype(old)
 
 
-class LinearGaussian(nn.Module):
+class Draw(NamedTuple):
+    z: torch.Tensor  # (b, m)
+    loc: torch.Tensor
+    scale: torch.Tensor
+
+
+class LinearGaussian(RecurrentModel):
     """z ~ N(0, I_m), x | z ~ N(W z + b, s^2 I_d); q(z | x) = N(A x + c, diag(e^2)).
 
-    log p(x) = log N(x; b, W W^T + s^2 I) exactly.
+    log p(x) = log N(x; b, W W^T + s^2 I) exactly. On the recurrent contract: one step, no state.
     """
 
     sequential = False
@@ -44,13 +50,21 @@ class LinearGaussian(nn.Module):
         A = cov @ W.t() / s**2
         return cls(W, b, s, A, -A @ b, cov.diagonal().sqrt())
 
-    def terms(self, x, *, mask=None, state=None):
+    def initial_state(self, n):
+        return None
+
+    def precompute(self, x):
+        return [x]
+
+    def step(self, x, state):
         loc = x @ self.A.t() + self.c
         scale = self.e.expand_as(loc)
-        z = loc + scale * torch.randn_like(loc)
+        return Draw(loc + scale * torch.randn_like(loc), loc, scale), None
+
+    def score(self, x, outs, state):
+        z = outs.z[:, 0]
         log_px = Normal(z @ self.W.t() + self.b, self.s).log_prob(x).sum(-1, keepdim=True)  # (b, 1)
-        q = Independent(Normal(loc[:, None], scale[:, None]), 1)
-        return Terms(log_px, q, standard_normal_like(loc[:, None]), z[:, None]), None
+        return Terms(log_px, diagonal_normal(outs.loc, outs.scale), standard_normal_like(outs.loc), outs.z)
 
     def log_marginal(self, x):
         cov = self.W @ self.W.t() + self.s**2 * torch.eye(self.W.shape[0])
@@ -123,7 +137,15 @@ class SSMState(NamedTuple):
     first: torch.Tensor  # (n, 1) 1.0 before the first step
 
 
-class LinearGaussianSSM(nn.Module):
+class SSMDraw(NamedTuple):
+    z: torch.Tensor  # (n, 1)
+    p_loc: torch.Tensor
+    p_scale: torch.Tensor
+    q_loc: torch.Tensor
+    q_scale: torch.Tensor
+
+
+class LinearGaussianSSM(RecurrentModel):
     """z_1 ~ N(0, q0), z_t = a z_{t-1} + N(0, q), x_t = c z_t + N(0, r), with a Gaussian
     proposal q(z_t | x_t, z_{t-1}) = N(alpha z_{t-1} + beta x_t, e^2); log p(x) by a Kalman filter."""
 
@@ -133,41 +155,20 @@ class LinearGaussianSSM(nn.Module):
         super().__init__()
         self.__dict__.update(a=a, q=q, q0=q0, c=c, r=r, alpha=alpha, beta=beta, e=e)
 
-    def check_input(self, x, mask=None):
-        pass
-
     def initial_state(self, n):
         return SSMState(torch.zeros(n, 1), torch.ones(n, 1))
 
-    def _dists(self, x_t, state):
-        prior_loc = self.a * state.z * (1 - state.first)
-        prior_scale = torch.where(state.first > 0, math.sqrt(self.q0), math.sqrt(self.q)).expand_as(prior_loc)
-        q_loc = self.alpha * state.z + self.beta * x_t
-        return Independent(Normal(prior_loc, prior_scale), 1), Independent(Normal(q_loc, torch.full_like(q_loc, self.e)), 1)
-
     def step(self, x_t, state):
-        p, q = self._dists(x_t, state)
-        z = q.sample()
-        log_px = Normal(self.c * z, math.sqrt(self.r)).log_prob(x_t).sum(-1)
-        kl = torch.distributions.kl_divergence(q, p)
-        return SeqStep(log_px, p.log_prob(z), q.log_prob(z), kl, z), SSMState(z, torch.zeros_like(state.first))
+        p_loc = self.a * state.z * (1 - state.first)
+        p_scale = torch.where(state.first > 0, math.sqrt(self.q0), math.sqrt(self.q)).expand_as(p_loc)
+        q_loc = self.alpha * state.z + self.beta * x_t
+        q_scale = torch.full_like(q_loc, self.e)
+        z = Normal(q_loc, q_scale).sample()
+        return SSMDraw(z, p_loc, p_scale, q_loc, q_scale), SSMState(z, torch.zeros_like(state.first))
 
-    def terms(self, x, *, mask=None, state=None):
-        state = self.initial_state(x.shape[0]) if state is None else state
-        lp, zs, ps, qs = [], [], [], []
-        for t in range(x.shape[1]):
-            p, q = self._dists(x[:, t], state)
-            out, new = self.step(x[:, t], state)
-            if mask is not None:
-                new = SSMState(*(torch.where(mask[:, t, None], n, o) for n, o in zip(new, state)))
-            state = new
-            lp.append(out.log_px)
-            zs.append(out.z)
-            ps.append(p)
-            qs.append(q)
-        stack = lambda ds: Independent(Normal(torch.stack([d.base_dist.loc for d in ds], 1), torch.stack([d.base_dist.scale for d in ds], 1)), 1)  # noqa: E731
-        log_px = torch.stack(lp, 1)
-        return Terms(log_px if mask is None else log_px * mask, stack(qs), stack(ps), torch.stack(zs, 1), mask), state
+    def score(self, x, outs, state):
+        log_px = Normal(self.c * outs.z, math.sqrt(self.r)).log_prob(x).sum(-1)  # (b, t)
+        return Terms(log_px, diagonal_normal(outs.q_loc, outs.q_scale), diagonal_normal(outs.p_loc, outs.p_scale), outs.z)
 
     def log_marginal(self, x, lengths):
         out = []

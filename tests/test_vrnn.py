@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import seqvae
-from seqvae.sequences import where_state
+from torch.distributions import Independent, Normal, kl_divergence
+
+from seqvae.recurrent import unroll
 from seqvae.vrnn import RNN, VRNN
 
 
@@ -29,23 +31,70 @@ def model_for(kind, output, cell="gru", prior="learned", x_dim=6):
 LENGTHS = torch.tensor([7, 5, 2, 7])
 
 
+def _by_hand(model, x, mask):
+    """The VRNN / RNN equations written out directly, one step at a time, from the model's
+    own networks applied to whole inputs (no precompute, no blocks): (log p(x_t), KL_t, h_T)."""
+    state = model.initial_state(x.shape[0])
+    log_px, kl = [], []
+    for t in range(x.shape[1]):
+        h = state.h
+        fx = model.phi_x(x[:, t])
+        if isinstance(model, VRNN):
+            loc, scale = model.posterior_net(torch.cat([fx, h], -1))
+            z = loc + scale * torch.randn_like(loc)
+            fz = model.phi_z(z)
+            q = Independent(Normal(loc, scale), 1)
+            kl.append(kl_divergence(q, model.prior(h)))
+            params = model.decoder(torch.cat([fz, h], -1))
+            new = model.cell([fx, fz], state)
+        else:
+            params = model.decoder(h)
+            kl.append(torch.zeros(x.shape[0], dtype=x.dtype))
+            new = model.cell(fx, state)
+        log_px.append(model.head(params).log_prob(x[:, t]))
+        m = mask[:, t]
+        state = type(state)(*(None if n is None else torch.where(m[:, None], n, o) for n, o in zip(new, state)))
+    return torch.stack(log_px, 1) * mask, torch.stack(kl, 1) * mask, state.h
+
+
 @pytest.mark.parametrize("kind,cell,prior", [("vrnn", c, p) for c in ("gru", "lstm") for p in ("learned", "standard")] + [("rnn", "gru", None), ("rnn", "lstm", None)])
-def test_batched_path_equals_stepwise_path(kind, cell, prior):
+def test_the_unroll_equals_the_equations_step_by_step(kind, cell, prior):
+    """precompute + step + batched score (training) and step-by-step scoring (FIVO's path)
+    both equal the model's equations evaluated one step at a time."""
     model = model_for(kind, "bernoulli", cell, prior or "learned").double()
     x = data_for("bernoulli").double()
     mask = torch.arange(7)[None] < LENGTHS[:, None]
+    x = x.masked_fill(~mask[..., None], 0.0)
     torch.manual_seed(1)
-    terms, final = model.terms(x, mask=mask)
+    log_px, kl, h = _by_hand(model, x, mask)
     torch.manual_seed(1)
-    state, log_px, kl = model.initial_state(4), [], []
-    for t in range(7):
-        out, new = model.step(x[:, t], state)
-        state = where_state(mask[:, t], new, state)
-        log_px.append(out.log_px * mask[:, t])
-        kl.append(out.kl * mask[:, t])
-    torch.testing.assert_close(terms.log_px, torch.stack(log_px, 1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(terms.kl(), torch.stack(kl, 1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(final.h, state.h, rtol=1e-12, atol=1e-12)
+    run = unroll(model, x, mask=mask)
+    torch.testing.assert_close(run.terms.log_px, log_px, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run.terms.kl(), kl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run.state.h, h, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(1)
+    steps = []
+    final = unroll(model, x, mask=mask, between=lambda t, terms, state: steps.append(terms) or state).state
+    torch.testing.assert_close(torch.cat([s.log_px for s in steps], 1), log_px, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([s.kl() for s in steps], 1), kl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final.h, h, rtol=1e-12, atol=1e-12)
+
+
+def test_generation_runs_the_same_step_from_the_prior():
+    """generate() draws z_t from p(z_t | h_{t-1}) and x_t from the decoder, and feeds x_t back."""
+    model = model_for("vrnn", "bernoulli").double()
+    torch.manual_seed(3)
+    sample = model.generate(2, 5)
+    torch.manual_seed(3)
+    state, xs = model.initial_state(2), []
+    for _ in range(5):
+        z = model.prior(state.h).sample()
+        fz = model.phi_z(z)
+        x_t = model.head(model.decoder(torch.cat([fz, state.h], -1))).sample()
+        state = model.cell([model.phi_x(x_t), fz], state)
+        xs.append(x_t)
+    torch.testing.assert_close(sample.x, torch.stack(xs, 1))
+    assert set(sample.x.unique().tolist()) <= {0.0, 1.0} and ((sample.mean > 0) & (sample.mean < 1)).all()
 
 
 @pytest.mark.parametrize("name", ["elbo", "iwae", "fivo"])
@@ -135,5 +184,8 @@ def test_constructor_arguments_land_in_the_right_config_fields():
     v = VRNNConfig(x_dim=7, hidden_size=9, z_size=3, cell="lstm", output="mixture", prior="standard", feature_size=11,
                    x_layers=3, z_layers=2, posterior_layers=3, prior_layers=0, decoder_layers=4, components=2, min_scale=0.05)
     assert asdict(VRNN(**asdict(v)).config) == asdict(v)
+    assert asdict(VRNN(v).config) == asdict(v) and asdict(VRNN(v, z_size=5).config) == {**asdict(v), "z_size": 5}
     r = RNNConfig(x_dim=7, hidden_size=9, cell="lstm", output="gaussian", feature_size=11, x_layers=3, decoder_layers=4, components=2, min_scale=0.05)
     assert asdict(RNN(**asdict(r)).config) == asdict(r)
+    with pytest.raises(TypeError, match="unknown option.*z_sise"):
+        VRNN(z_sise=3)

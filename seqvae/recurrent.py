@@ -1,0 +1,207 @@
+"""The recurrent contract and the one time loop that every model, bound and figure runs on.
+
+Dimensions: b batch (examples, or particles x examples), t time steps, s state features.
+
+A model states its recurrence once, as a step (in the manner of dm-haiku's `recurrent.py`):
+
+    initial_state(b) -> S            the state before the first step: a NamedTuple of (b, ...)
+                                     tensors (a field may be None, or a nested NamedTuple)
+    precompute(x) -> [I_1, .., I_T]  the inputs of every step, from the observations x: the
+                                     work that does not depend on the state (feature networks
+                                     of x, their products with weights) is done here, batched
+                                     over all steps; the default is x_t itself
+    step(I_t, S) -> (O_t, S)         one step: what must be sequential (sampling z_t, the cell).
+                                     I_t = None means generating: the step samples its own
+                                     observation (and returns it in O_t)
+    score(x, O, S_T) -> Terms        the per-step terms (terms.py) of the steps in O, batched:
+                                     O holds each field of O_t stacked over steps, (b, t, ...);
+                                     S_T is the state after the last of them
+    sequential: bool                 True: x is (b, t, ...) and observation t is scored by step
+                                     t (masks, carried states and FIVO apply); False: the whole
+                                     x is scored once, from the final state (DRAW)
+
+`RecurrentModel` is a base class with the defaults, `terms()` and `check_input()`.
+
+`unroll(model, x)` runs the loop: training, IWAE (samples folded into the batch), truncated
+BPTT (a carried state), log-likelihood estimates and traces for figures all call it.
+Masking lives here: x is zeroed on padded steps before anything sees it, a padded step
+keeps the state it was given, and log p(x_t) is zeroed there. FIVO passes `between`, a
+function called after every step with that step's terms (scored one step at a time) that
+may replace the state (resampling). `generate(model, n, steps)` runs the step with no
+observation. The loop holds no host synchronisation and no Python branch on tensor
+values, so that it can be traced (torch.compile, CUDA graphs).
+
+`reverse_by_length(x, lengths)` reverses each padded sequence's real steps in place of
+the padding-first flip, for backward RNNs: padding stays at the end and never reaches a
+real step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .linear import unrolled
+from .terms import Terms
+
+__all__ = [
+    "RecurrentModel",
+    "Unrolled",
+    "unroll",
+    "generate",
+    "stack_steps",
+    "map_state",
+    "where_state",
+    "reverse_by_length",
+]
+
+
+class Unrolled(NamedTuple):
+    """What one pass of the loop returns."""
+
+    terms: Terms | None  # the per-step terms (None when `between` scored step by step)
+    state: Any  # the state after the last step
+    outs: Any  # each field of the step outputs stacked over time, (b, t, ...) (None with `between`)
+    states: Any = None  # the state after each step, stacked over time, when keep_states=True
+
+
+def map_state(fn: Callable[[Tensor], Tensor], state: Any) -> Any:
+    """Apply fn to every tensor of a (nested) NamedTuple state; None fields stay None."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return fn(state)
+    return type(state)(*(map_state(fn, s) for s in state))
+
+
+def where_state(mask: Tensor, new: Any, old: Any) -> Any:
+    """Per row, the new state where mask (b,) is True and the old one elsewhere."""
+    if new is None:
+        return None
+    if isinstance(new, Tensor):
+        return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+    return type(new)(*(where_state(mask, n, o) for n, o in zip(new, old)))
+
+
+def stack_steps(items: Sequence[Any], dim: int = 1) -> Any:
+    """Stack a list of per-step outputs (tensors or nested NamedTuples) along `dim`."""
+    first = items[0]
+    if first is None:
+        return None
+    if isinstance(first, Tensor):
+        return torch.stack(list(items), dim=dim)
+    return type(first)(*(stack_steps([item[i] for item in items], dim) for i in range(len(first))))
+
+
+def reverse_by_length(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each sequence of x (b, t, ...) over its first lengths[i] steps; padding stays put.
+
+    Applying it twice gives x back. lengths None: every sequence is t steps long (a flip).
+    """
+    steps = x.shape[1]
+    if lengths is None:
+        return x.flip(1)
+    t = torch.arange(steps, device=x.device)[None, :]  # (1, t)
+    lengths = lengths.to(x.device)[:, None]  # (b, 1)
+    index = torch.where(t < lengths, lengths - 1 - t, t)  # (b, t)
+    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def _mask_terms(terms: Terms, mask: Tensor | None) -> Terms:
+    if mask is None:
+        return terms
+    return dataclasses.replace(terms, log_px=terms.log_px * mask, mask=mask)
+
+
+def unroll(
+    model,
+    x: Tensor,
+    *,
+    mask: Tensor | None = None,
+    state: Any = None,
+    between: Callable[[int, Terms, Any], Any] | None = None,
+    keep_states: bool = False,
+) -> Unrolled:
+    """Run the model over x from `state` (None: the initial state); see the module docstring.
+
+    mask (b, t): True on real steps (sequence models only). between(t, terms_t, state) -> state
+    is called after each step t with that step's terms (scored by `model.score` on the one
+    step); the terms of the whole pass are then not assembled.
+    """
+    b = x.shape[0]
+    if mask is not None:  # padded steps are zeroed so that nothing there can leak into a result
+        x = x.masked_fill(~mask.view(*mask.shape, *([1] * (x.dim() - 2))), 0.0)
+    state = model.initial_state(b) if state is None else state
+    inputs = model.precompute(x)
+    outs, states = [], []
+    with unrolled(model):  # large weight gradients once per sequence, not once per step (linear.py)
+        for t, step_input in enumerate(inputs):
+            out, new = model.step(step_input, state)
+            if mask is not None:
+                new = where_state(mask[:, t], new, state)  # a padded step keeps its state
+            if between is not None:
+                terms = model.score(x[:, t : t + 1], stack_steps([out]), new)
+                new = between(t, _mask_terms(terms, None if mask is None else mask[:, t : t + 1]), new)
+            else:
+                outs.append(out)
+            state = new
+            if keep_states:
+                states.append(state)
+    kept = stack_steps(states) if keep_states else None
+    if between is not None:
+        return Unrolled(None, state, None, kept)
+    outs = stack_steps(outs)
+    return Unrolled(_mask_terms(model.score(x, outs, state), mask), state, outs, kept)
+
+
+def generate(model, n: int, steps: int, *, keep_states: bool = False) -> Unrolled:
+    """Run the step `steps` times with no observation (sampling) from the initial state of n."""
+    if n < 1:
+        raise ValueError(f"n must be a positive number of samples, got {n}")
+    if steps < 1:
+        raise ValueError(f"steps must be a positive number of time steps, got {steps}")
+    state = model.initial_state(n)
+    outs, states = [], []
+    for _ in range(steps):
+        out, state = model.step(None, state)
+        outs.append(out)
+        if keep_states:
+            states.append(state)
+    return Unrolled(None, state, stack_steps(outs), stack_steps(states) if keep_states else None)
+
+
+class RecurrentModel(nn.Module):
+    """Base class of the models: the contract's defaults (see the module docstring).
+
+    A subclass defines initial_state, step and score, and precompute when some of the
+    per-step work can be batched over all steps.
+    """
+
+    sequential = True
+
+    def initial_state(self, batch_size: int) -> Any:
+        raise NotImplementedError
+
+    def precompute(self, x: Tensor) -> Sequence[Any]:
+        """The inputs of each step: by default the observation x_t (b, ...) of a (b, t, ...) x."""
+        return x.unbind(1)
+
+    def step(self, inputs: Any, state: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def score(self, x: Tensor, outs: Any, state: Any) -> Terms:
+        raise NotImplementedError
+
+    def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Raise ValueError unless x is data this model can score (called once, where data enter)."""
+
+    def terms(self, x: Tensor, *, mask: Tensor | None = None, state: Any = None) -> tuple[Terms, Any]:
+        """Per-step terms of x and the state after the last step (state carries over chunks)."""
+        out = unroll(self, x, mask=mask, state=state)
+        return out.terms, out.state
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, state: Any = None) -> tuple[Terms, Any]:
+        return self.terms(x, mask=mask, state=state)
