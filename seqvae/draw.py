@@ -170,6 +170,10 @@ class DRAW(RecurrentModel):
     def from_config(cls, config: DrawConfig) -> "DRAW":
         return cls(config)
 
+    def describe(self) -> str:
+        """A one-line name for figures."""
+        return f"DRAW (T={self.steps}, read {self.config.read}, write {self.config.write})"
+
     # ------------------------------------------------------------------ recurrent contract
     def initial_state(self, batch_size: int) -> DrawState:
         canvas = self.canvas0.expand(batch_size, *self.canvas0.shape)

@@ -1,4 +1,4 @@
-"""Training: the run config, the trainer (with truncated BPTT) and evaluation.
+"""Training: the trainer (batches, epochs, truncated BPTT, checkpoints, logs) and its config.
 
 Dimensions: b batch, t time, k samples.
 
@@ -19,6 +19,10 @@ averaged gradients equal those of one process on the whole global batch.
 A run lives in runs/<name>/: config.json, metrics.jsonl (one JSON record per line),
 checkpoint.pt (everything needed to resume), best.pt (the model with the best validation
 bound), samples/epoch_NNN.png.
+
+The trainer takes a run config (run.py builds one) and finds the model, the data and the
+objective through their registries; it never names a model or a data set. Evaluation is in
+evaluate.py, process groups in distributed.py, generator states in checkpoint.py.
 """
 
 from __future__ import annotations
@@ -26,9 +30,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +39,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import configs, viz
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .configs import ConfigError, check
-from .data import DataConfig, DataError, ImageData, SequenceData, batches, load_dataset, num_batches
-from .draw import DRAW, DrawConfig
-from .objectives import ObjectiveConfig, bound, log_likelihood
+from .data import batches, dataset_info, load_dataset, num_batches
+from .distributed import all_sum, rank_and_world
+from .evaluate import evaluate
+from .models import get_model
+from .objectives import bound
 from .sequences import mask_from_lengths
-from .vrnn import RNN, VRNN, RNNConfig, VRNNConfig
+from .views import sample_figure
+from . import viz
 
-__all__ = ["TrainConfig", "RunConfig", "MODELS", "build_model", "Trainer", "evaluate", "load_run", "train", "TrainingError"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve_device"]
 
-MODELS = {"draw": (DRAW, DrawConfig), "vrnn": (VRNN, VRNNConfig), "rnn": (RNN, RNNConfig)}
 AMP = ("none", "bf16", "fp16")
 
 
@@ -103,188 +107,13 @@ class TrainConfig:
         return self
 
 
-@dataclass
-class RunConfig:
-    """A whole run: which model and its config, the objective, the data, the optimiser."""
-
-    model_kind: str
-    model: Any
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def validate(self) -> "RunConfig":
-        check(self.model_kind in MODELS, f"unknown model {self.model_kind!r}: expected one of {', '.join(MODELS)}")
-        self.model.validate()
-        self.objective.validate()
-        self.data.validate()
-        self.train.validate()
-        images = self.model_kind == "draw"
-        check(
-            images == (self.data.name in ("binarized_mnist", "mnist")),
-            f"model {self.model_kind} cannot train on data {self.data.name}: DRAW takes images "
-            "(binarized_mnist, mnist), VRNN and RNN take sequences (jsb_chorales, seq_mnist, npz)",
-        )
-        check(not images or self.objective.name != "fivo", "objective.name=fivo needs a sequence model (vrnn, rnn)")
-        check(not images or self.train.tbptt == 0, "train.tbptt applies to sequence models only")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return configs.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        if not isinstance(data, dict) or data.get("model_kind") not in MODELS:
-            raise ConfigError(f"not a seqvae run config (model_kind must be one of {', '.join(MODELS)})")
-        model_cls = MODELS[data["model_kind"]][1]
-        rest = {k: v for k, v in data.items() if k not in ("model_kind", "model")}
-        cfg = configs.from_dict(_RunSections, rest)
-        model = configs.from_dict(model_cls, data.get("model", {}), prefix="model.")
-        return cls(data["model_kind"], model, cfg.objective, cfg.data, cfg.train)
-
-
-@dataclass
-class _RunSections:  # the sections of RunConfig that do not depend on the model kind
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def build_model(config: RunConfig) -> nn.Module:
-    """The model a run config describes (untrained)."""
-    return MODELS[config.model_kind][0].from_config(config.model)
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """auto (CUDA when present), cpu, cuda or cuda:N; a clear error when CUDA is asked for and absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"train.device={name} but CUDA is not available on this machine; use cpu or auto")
     return torch.device(name)
-
-
-def _dist():
-    """(rank, world_size) under torch.distributed, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    rank, world = _dist()
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def rng_state() -> dict[str, Any]:
-    """Every random generator's state, as tensors and plain values (safe to torch.load)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        cuda = state["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(cuda + [cuda[-1]] * (torch.cuda.device_count() - len(cuda)))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load_run(run: str | os.PathLike, *, which: str = "best", map_location: str | torch.device = "cpu"):
-    """(RunConfig, model in eval mode, checkpoint payload) from a run folder or checkpoint file.
-
-    which: "best" (best.pt if present, else checkpoint.pt) or "last" (checkpoint.pt).
-    """
-    path = Path(run)
-    if path.is_dir():
-        candidates = (["best.pt"] if which == "best" else []) + ["checkpoint.pt"]
-        found = [path / c for c in candidates if (path / c).exists()]
-        if not found:
-            raise CheckpointError(f"{path} holds no checkpoint (expected best.pt or checkpoint.pt)")
-        path = found[0]
-    payload = load_checkpoint(path, map_location=map_location)
-    try:
-        config = RunConfig.from_dict(json.loads(payload["config"])).validate()
-        model = build_model(config)
-        model.load_state_dict(payload["model"])
-    except (KeyError, json.JSONDecodeError, ConfigError, RuntimeError) as err:
-        raise CheckpointError(f"{path} is not a usable seqvae checkpoint ({type(err).__name__}: {err})") from None
-    model.to(map_location).eval()
-    return config, model, payload
-
-
-# ---------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: ImageData | SequenceData,
-    *,
-    name: str = "elbo",
-    k: int = 1,
-    batch_size: int = 100,
-    device: torch.device | str = "cpu",
-    max_rows: int = 8192,
-) -> dict[str, float]:
-    """A bound ("elbo", "iwae", "fivo") or the log-likelihood estimate ("ll") over a data set.
-
-    Returns nats per example (`nats`), per time step for sequences (`nats_per_step`: the
-    sum over sequences divided by the number of steps, as the music literature reports) and
-    bits per dimension for images. Under torch.distributed each rank scores every
-    world_size-th batch and the sums are reduced across ranks.
-    """
-    rank, world = _dist()
-    model.eval()
-    total, examples, steps = 0.0, 0, 0
-    n = len(data)
-    starts = list(range(0, n, batch_size))[rank::world]
-    for start in starts:
-        index = torch.arange(start, min(start + batch_size, n))
-        batch = data.batch(index, torch.Generator().manual_seed(start))  # fixed draws for dynamic binarization
-        x = batch.x.to(device)
-        lengths = None if batch.lengths is None else batch.lengths.to(device)
-        if name == "ll":
-            values = log_likelihood(model, x, k=k, max_rows=max_rows, lengths=lengths)
-        else:
-            mask = None if lengths is None or bool((lengths == x.shape[1]).all()) else mask_from_lengths(lengths, x.shape[1])
-            values = bound(model, x, name=name, k=k, mask=mask)[0]
-        total += float(values.double().sum())
-        examples += x.shape[0]
-        steps += int(lengths.sum()) if lengths is not None else 0
-    total, examples, steps = _all_sum([total, examples, steps], torch.device(device))
-    out = {"bound": name, "k": k, "examples": int(examples), "nats": total / examples}
-    if isinstance(data, SequenceData):
-        out["nats_per_step"] = total / steps
-        out["steps"] = int(steps)
-    else:
-        dims = int(np.prod(data.image_shape))
-        out["bits_per_dim"] = -total / examples / (dims * math.log(2))
-    return out
-
-
-# ---------------------------------------------------------------------------- trainer
 
 
 class _Bound(nn.Module):
@@ -301,16 +130,16 @@ class _Bound(nn.Module):
 class Trainer:
     """Trains one run; `fit()` runs it to the configured number of epochs."""
 
-    def __init__(self, config: RunConfig, run_dir: str | os.PathLike, *, resume: bool = False, log=print):
+    def __init__(self, config, run_dir: str | os.PathLike, *, resume: bool = False, log=print):
         self.config = config.validate()
         self.run_dir = Path(run_dir)
         self.log = log
-        self.rank, self.world = _dist()
+        self.rank, self.world = rank_and_world()
         self.main = self.rank == 0
         tc = config.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.device = _device(tc.device)
+        self.device = resolve_device(tc.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
             torch.cuda.set_device(self.device)
@@ -331,15 +160,18 @@ class Trainer:
                 f"run folder {self.run_dir} already exists and is not empty; resume it with --resume or choose another --name"
             )
 
-        _seed_everything(tc.seed + self.rank)  # each rank draws its own noise
+        seed_everything(tc.seed + self.rank)  # each rank draws its own noise
         dc = config.data
-        try:
-            self.train_data = load_dataset(dc.name, "train", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.limit)
-            self.valid_data = load_dataset(dc.name, "valid", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.valid_limit)
-        except DataError:
-            raise
-        self._check_model_matches_data()
-        self.model = build_model(config).to(self.device)
+        self.train_data = load_dataset(dc.name, "train", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.limit)
+        self.valid_data = load_dataset(dc.name, "valid", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.valid_limit)
+        self.data_info = dataset_info(dc, self.train_data)
+        check_data = getattr(config.model, "check_data", None)
+        if check_data is not None:
+            try:
+                check_data(self.data_info)
+            except ConfigError as err:
+                raise TrainingError(str(err)) from None
+        self.model = get_model(config.model_kind).build(config.model).to(self.device)
         self.objective = _Bound(self.model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -358,23 +190,6 @@ class Trainer:
         elif self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-
-    # -------------------------------------------------------------- setup helpers
-    def _check_model_matches_data(self) -> None:
-        cfg = self.config
-        if isinstance(self.train_data, ImageData):
-            if tuple(cfg.model.image_shape) != self.train_data.image_shape:
-                raise TrainingError(
-                    f"model.image_shape={tuple(cfg.model.image_shape)} but {cfg.data.name} images are {self.train_data.image_shape}"
-                )
-        else:
-            if cfg.model.x_dim != self.train_data.x_dim:
-                raise TrainingError(f"model.x_dim={cfg.model.x_dim} but {cfg.data.name} has {self.train_data.x_dim} features per step")
-            if cfg.model.output == "bernoulli" and not self.train_data.binary:
-                raise TrainingError(
-                    f"the {cfg.data.name} data ({self.train_data.name}) are not binary but model.output=bernoulli; "
-                    "choose --model.output=gaussian or mixture"
-                )
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -473,7 +288,7 @@ class Trainer:
         clip = self.config.train.clip_grad
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        (bad,) = _all_sum([float(bad_loss or not bool(torch.isfinite(norm)))], self.device)
+        (bad,) = all_sum([float(bad_loss or not bool(torch.isfinite(norm)))], self.device)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
@@ -502,42 +317,36 @@ class Trainer:
         return dict(name=oc.name, k=oc.k, beta=oc.beta(self.step), free_bits=oc.free_bits, resample_threshold=oc.resample_threshold)
 
     def train_batch(self, batch) -> dict[str, float]:
-        """One batch: one optimiser step (images, whole sequences) or one per TBPTT chunk."""
-        x = batch.x.to(self.device, non_blocking=True)
-        if batch.lengths is None:
-            n_local = x.shape[0]
-            (n_global,) = _all_sum([n_local], self.device)
-            with self._autocast():
-                value, _ = self.objective(x, **self._kwargs())
-            loss = -value.float().sum() * self.world / n_global
-            stepped, norm = self._optimise(loss)
-            self._count(stepped)
-            (total,) = _all_sum([float(value.detach().float().sum())], self.device)
-            return {"loss": -total / n_global if stepped else math.nan, "grad_norm": norm}
+        """One batch: one optimiser step (images, whole sequences) or one per TBPTT chunk.
 
-        lengths = batch.lengths.to(self.device)
-        steps = x.shape[1]
-        mask = mask_from_lengths(lengths, steps)
-        chunk = self.config.train.tbptt or steps
-        carry, total, count, norms = None, 0.0, 0, []
-        for start in range(0, steps, chunk):
-            m = mask[:, start : start + chunk]
-            (n_global,) = _all_sum([float(m.sum())], self.device)
+        The loss is -(the bound summed over the batch) / (examples, or real time steps of
+        the chunk for sequences), with the global count under torch.distributed.
+        """
+        x = batch.x.to(self.device, non_blocking=True)
+        if batch.lengths is None:  # whole inputs, scored once
+            pieces = [(x, None)]
+        else:
+            mask = mask_from_lengths(batch.lengths.to(self.device), x.shape[1])
+            chunk = self.config.train.tbptt or x.shape[1]
+            pieces = [(x[:, s : s + chunk], mask[:, s : s + chunk]) for s in range(0, x.shape[1], chunk)]
+        carry, total, count, norms, stepped_any = None, 0.0, 0.0, [], False
+        for xc, mc in pieces:
+            (n_global,) = all_sum([float(xc.shape[0]) if mc is None else float(mc.sum())], self.device)
             if n_global == 0:
                 break  # every sequence of the batch has ended
             with self._autocast():
-                value, carry = self.objective(
-                    x[:, start : start + chunk], mask=None if bool(m.all()) else m, carry=carry, **self._kwargs()
-                )
-            loss = -value.float().sum() * self.world / n_global
-            stepped, norm = self._optimise(loss)
+                value, carry = self.objective(xc, mask=None if mc is None or bool(mc.all()) else mc, carry=carry, **self._kwargs())
+            stepped, norm = self._optimise(-value.float().sum() * self.world / n_global)
             self._count(stepped)
+            stepped_any |= stepped
             norms.append(norm)
-            (chunk_total,) = _all_sum([float(value.detach().float().sum())], self.device)
+            (chunk_total,) = all_sum([float(value.detach().float().sum())], self.device)
             total += chunk_total
             count += n_global
-            carry = carry.detach()
-        return {"loss": -total / max(count, 1), "grad_norm": max(norms) if norms else math.nan}
+            if carry is not None:
+                carry = carry.detach()
+        loss = -total / max(count, 1) if stepped_any else math.nan
+        return {"loss": loss, "grad_norm": max(norms) if norms else math.nan}
 
     def validate(self) -> dict[str, float]:
         oc, tc = self.config.objective, self.config.train
@@ -559,17 +368,9 @@ class Trainer:
         if not self.main:
             return
         n = self.config.train.samples
-        self.model.eval()
-        with torch.no_grad():
-            if isinstance(self.model, DRAW):
-                fig = viz.image_grid(self.model.sample(n).cpu(), title=f"DRAW samples, epoch {self.epoch}")
-            elif self.config.data.name == "seq_mnist":
-                seqs = self.model.generate(n, 28).mean.cpu()
-                fig = viz.image_grid(seqs[:, None], title=f"{self.config.model_kind} samples (rows as steps), epoch {self.epoch}")
-            else:
-                length = int(self.train_data.lengths.float().median())
-                gen = self.model.generate(min(n, 4), length)
-                fig = viz.piano_rolls(gen.x.cpu(), suptitle=f"{self.config.model_kind} samples, epoch {self.epoch}")
+        if self.data_info.display in ("piano", "lines"):
+            n = min(n, 4)  # a panel per sample: a few are readable
+        fig = sample_figure(self.model, self.data_info, n, title=f"{self.config.model_kind} samples, epoch {self.epoch}")
         viz.save_figure(fig, self.run_dir / "samples" / f"epoch_{self.epoch:03d}.png")
         self.model.train()
 
@@ -652,39 +453,3 @@ class Trainer:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("valid_"))
             self.log(f"epoch {self.epoch}/{tc.epochs}: {shown} ({metrics['seconds']:.0f}s)")
         return metrics
-
-
-def train(
-    kind: str,
-    *,
-    preset: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-    name: str | None = None,
-    runs_dir: str | os.PathLike = "runs",
-    data: str | None = None,
-    data_dir: str | None = None,
-    reuse: bool = False,
-    log=print,
-):
-    """Train a run from Python, as `seqvae train` does; returns (RunConfig, model, run folder).
-
-    overrides are "section.key=value" strings, checked like the command line's. With
-    reuse=True an existing run of that name is loaded (and trained further only if its
-    train.epochs has not been reached) instead of being an error.
-    """
-    from .cli import build_config
-
-    run_dir = Path(runs_dir) / (name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-    resume = reuse and (run_dir / "checkpoint.pt").exists()
-    if resume:  # continue the run as it was configured
-        config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-        if config.model_kind != kind:
-            raise TrainingError(f"{run_dir} holds a {config.model_kind} run, not {kind}")
-        if data_dir:
-            config = configs.apply_override(config, f"data.data_dir={data_dir}")
-    else:
-        config = build_config(kind, preset, list(overrides), data, data_dir)
-    trainer = Trainer(config, run_dir, resume=resume, log=log)
-    trainer.fit()
-    _, model, _ = load_run(run_dir, map_location=trainer.device)
-    return config, model, run_dir

@@ -113,6 +113,25 @@ def piano_rolls(rolls: Tensor | list[Tensor], *, titles: list[str] | None = None
     return fig
 
 
+def sequence_lines(seqs: Tensor | list[Tensor], *, suptitle: str | None = None, max_features: int = 8):
+    """Real-valued sequences (n, t, d) (or a list of (t_i, d)), one panel each: a line per
+    feature over time (the first max_features features)."""
+    seqs = list(seqs)
+    fig = _figure(8.0, 1.5 * len(seqs) + 0.6)
+    axes = fig.subplots(len(seqs), 1, squeeze=False)[:, 0]
+    for ax, seq in zip(axes, seqs):
+        seq = seq.detach().float().cpu().numpy()
+        for j in range(min(seq.shape[1], max_features)):
+            ax.plot(np.arange(1, seq.shape[0] + 1), seq[:, j], lw=1, label=f"feature {j}")
+        ax.set_ylabel("value", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=6, ncol=min(4, seqs[0].shape[1]), loc="upper right")
+    axes[-1].set_xlabel("time step", fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return fig
+
+
 def _figure_bytes(fig, fmt: str, dpi: int | None = None) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt, dpi=dpi)

@@ -234,6 +234,8 @@ class _SequenceModel(RecurrentModel):
 class VRNN(_SequenceModel):
     """The variational RNN: `VRNN(config)` or `VRNN(**fields of VRNNConfig)`."""
 
+    reconstruction_label = "decoder mean p(x_t | z_t, h_t-1) with z_t drawn from q"
+
     def __init__(self, config: VRNNConfig | None = None, /, **options):
         super().__init__()
         self.config = cfg = configure(VRNNConfig, config, options)
@@ -292,6 +294,8 @@ class VRNN(_SequenceModel):
 
 class RNN(_SequenceModel):
     """The RNN baseline without latent variables: `RNN(config)` or `RNN(**fields of RNNConfig)`."""
+
+    reconstruction_label = "prediction p(x_t | x_<t)"
 
     def __init__(self, config: RNNConfig | None = None, /, **options):
         super().__init__()

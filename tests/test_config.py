@@ -2,11 +2,11 @@
 
 import pytest
 
-from seqvae.cli import build_config
+from seqvae.run import build_config
 from seqvae.configs import ConfigError, apply_override, from_dict, parse_value
 from seqvae.draw import DrawConfig
-from seqvae.presets import PRESETS
-from seqvae.train import RunConfig
+from seqvae.models import MODELS
+from seqvae.run import RunConfig
 
 
 def draw_config(*overrides, preset=None, data=None):
@@ -57,10 +57,10 @@ def test_vrnn_config_checks_and_x_dim_from_data():
 
 
 def test_every_preset_builds():
-    for kind, name in PRESETS:
-        data = None if kind == "draw" else "jsb_chorales"
-        cfg = build_config(kind, name, [], data, None)
-        assert cfg.model_kind == kind
+    for kind, spec in MODELS.items():
+        for name in spec.presets:
+            cfg = build_config(kind, name, [], None, None)
+            assert cfg.model_kind == kind
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         draw_config(preset="huge")
     paper = draw_config(preset="paper")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from seqvae import data as D
+from seqvae import datafiles as DF
 
 
 def test_real_data_sets_have_their_published_sizes(data_dir):
@@ -45,21 +46,21 @@ def test_dynamic_binarization_draws_afresh_but_reproducibly(data_dir):
 
 def test_parse_amat_and_its_errors():
     good = b"0 1 1\n1 0 0\n"
-    assert D.parse_amat(good, width=3).tolist() == [[0, 1, 1], [1, 0, 0]]
+    assert DF.parse_amat(good, width=3).tolist() == [[0, 1, 1], [1, 0, 0]]
     with pytest.raises(D.DataError, match="rows of 3 values"):
-        D.parse_amat(b"0 1 1\n1 0\n", width=3)
+        DF.parse_amat(b"0 1 1\n1 0\n", width=3)
     with pytest.raises(D.DataError, match="other than 0, 1"):
-        D.parse_amat(b"0 1 2\n", width=3)
+        DF.parse_amat(b"0 1 2\n", width=3)
 
 
 def test_parse_idx_and_its_errors():
     body = bytes(range(6))
     content = b"\x00\x00\x08\x03" + (1).to_bytes(4, "big") + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + body
-    assert D.parse_idx(content, "x", 3).shape == (1, 2, 3)
+    assert DF.parse_idx(content, "x", 3).shape == (1, 2, 3)
     with pytest.raises(D.DataError, match="header says"):
-        D.parse_idx(content[:-1], "x", 3)
+        DF.parse_idx(content[:-1], "x", 3)
     with pytest.raises(D.DataError, match="not an IDX file"):
-        D.parse_idx(b"\x00\x00\x0d\x03" + content[4:], "x", 3)
+        DF.parse_idx(b"\x00\x00\x0d\x03" + content[4:], "x", 3)
 
 
 def _copy_tree(src: Path, dst: Path, folder: str) -> Path:
@@ -137,25 +138,25 @@ def test_jsb_reader_refuses_pickles_that_would_run_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     evil = pickle.dumps({"train": [[(60,)]], "valid": [[(60,)]], "test": [_Evil()]}, protocol=2)
     with pytest.raises(D.DataError, match="refusing to load posix.system|refusing to load os.system"):
-        D.read_jsb_pickle(evil)
+        DF.read_jsb_pickle(evil)
     assert not (tmp_path / "pwned-by-pickle").exists()
     # a float dtype, or anything but plain containers and integers, is refused too
     with pytest.raises(D.DataError, match="refusing"):
-        D.read_jsb_pickle(pickle.dumps({"train": [[(np.float64(60.0),)]]}, protocol=2))
+        DF.read_jsb_pickle(pickle.dumps({"train": [[(np.float64(60.0),)]]}, protocol=2))
     with pytest.raises(D.DataError, match="keys"):
-        D.read_jsb_pickle(pickle.dumps([1, 2, 3]))
+        DF.read_jsb_pickle(pickle.dumps([1, 2, 3]))
     with pytest.raises(D.DataError, match="MIDI 21..108"):
-        D.read_jsb_pickle(pickle.dumps({s: [[(10,)]] for s in D.SPLITS}))
+        DF.read_jsb_pickle(pickle.dumps({s: [[(10,)]] for s in D.SPLITS}))
     with pytest.raises(D.DataError, match="not a readable pickle"):
-        D.read_jsb_pickle(pickle.dumps({s: [[(60,)]] for s in D.SPLITS})[:-5])
+        DF.read_jsb_pickle(pickle.dumps({s: [[(60,)]] for s in D.SPLITS})[:-5])
 
 
 def test_jsb_reader_reads_numpy_int_pickles_without_numpy_objects():
     content = pickle.dumps({s: [[(np.int64(60), np.int64(64)), (), (np.int32(21),)]] for s in D.SPLITS}, protocol=2)
-    out = D.read_jsb_pickle(content)
+    out = DF.read_jsb_pickle(content)
     assert out["train"] == [[(60, 64), (), (21,)]]
     assert all(type(n) is int for n in out["train"][0][0])
-    roll = D.piano_roll(out["train"][0])
+    roll = DF.piano_roll(out["train"][0])
     assert roll.shape == (3, 88) and roll[0, 60 - 21] == 1 and roll[1].sum() == 0 and roll[2, 0] == 1
 
 

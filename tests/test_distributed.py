@@ -39,7 +39,8 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, data_dir):
     b = torch.load(two_run / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 1 and b["world_size"] == 2 and len(b["rng"]) == 2
     # the step really moved the parameters away from their (seeded) initial values
-    from seqvae.train import RunConfig, _seed_everything, build_model
+    from seqvae.checkpoint import seed_everything as _seed_everything
+    from seqvae.run import RunConfig, build_model
 
     _seed_everything(0)
     start = build_model(RunConfig.from_dict(json.loads((one_run / "config.json").read_text()))).state_dict()

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqvae import data as D
+from seqvae import datafiles as DF
 from seqvae.configs import ConfigError, apply_override, parse_value
 from seqvae.draw import DrawConfig
 from seqvae.train import TrainConfig
@@ -20,14 +21,14 @@ FAST = settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 1), min_size=5, max_size=5), min_size=1, max_size=20))
 def test_amat_round_trip(rows):
     text = "".join(" ".join(map(str, r)) + "\n" for r in rows).encode()
-    assert D.parse_amat(text, width=5).tolist() == rows
+    assert DF.parse_amat(text, width=5).tolist() == rows
 
 
 @FAST
 @given(st.binary(max_size=200))
 def test_amat_reader_raises_only_data_errors(blob):
     try:
-        D.parse_amat(blob, width=4)
+        DF.parse_amat(blob, width=4)
     except D.DataError:
         pass
 
@@ -37,7 +38,7 @@ def test_amat_reader_raises_only_data_errors(blob):
 def test_idx_round_trip(dims, draw):
     values = np.array(draw.draw(st.lists(st.integers(0, 255), min_size=int(np.prod(dims)), max_size=int(np.prod(dims)))), dtype=np.uint8)
     header = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
-    out = D.parse_idx(header + values.tobytes(), "x", len(dims))
+    out = DF.parse_idx(header + values.tobytes(), "x", len(dims))
     assert out.shape == tuple(dims) and out.flatten().tolist() == values.tolist()
 
 
@@ -45,7 +46,7 @@ def test_idx_round_trip(dims, draw):
 @given(st.binary(max_size=300), st.integers(1, 3))
 def test_idx_reader_raises_only_data_errors(blob, dims):
     try:
-        D.parse_idx(blob, "x", dims)
+        DF.parse_idx(blob, "x", dims)
     except D.DataError:
         pass
 
@@ -59,7 +60,7 @@ pieces = st.lists(st.lists(notes, min_size=1, max_size=6), min_size=1, max_size=
 def test_jsb_reader_round_trip(content, protocol, numpy_ints):
     if numpy_ints:
         content = {s: [[tuple(np.int64(n) for n in step) for step in p] for p in ps] for s, ps in content.items()}
-    out = D.read_jsb_pickle(pickle.dumps(content, protocol=protocol))
+    out = DF.read_jsb_pickle(pickle.dumps(content, protocol=protocol))
     assert out == {s: [[tuple(int(n) for n in step) for step in p] for p in ps] for s, ps in content.items()}
 
 
@@ -67,7 +68,7 @@ def test_jsb_reader_round_trip(content, protocol, numpy_ints):
 @given(st.binary(max_size=300))
 def test_jsb_reader_raises_only_data_errors(blob):
     try:
-        D.read_jsb_pickle(blob)
+        DF.read_jsb_pickle(blob)
     except D.DataError:
         pass
 
@@ -79,7 +80,7 @@ def test_jsb_reader_on_mutated_pickles(draw):
     i = draw.draw(st.integers(0, len(good) - 1))
     byte = draw.draw(st.integers(0, 255))
     try:
-        D.read_jsb_pickle(good[:i] + bytes([byte]) + good[i + 1 :])
+        DF.read_jsb_pickle(good[:i] + bytes([byte]) + good[i + 1 :])
     except D.DataError:
         pass
 

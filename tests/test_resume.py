@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from seqvae import checkpoint as C
-from seqvae.cli import build_config
+from seqvae.data import batches
+from seqvae.run import build_config
 from seqvae.train import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,9 +115,10 @@ def test_corrupt_truncated_and_malicious_checkpoints_are_refused(tmp_path):
     truncated.write_bytes(good.read_bytes()[:100])
     with pytest.raises(C.CheckpointError, match="truncated or corrupt"):
         C.load_checkpoint(truncated)
-    (tmp_path / "noise.pt").write_bytes(os.urandom(500))
-    with pytest.raises(C.CheckpointError):
-        C.load_checkpoint(tmp_path / "noise.pt")
+    for seed in range(200):  # random bytes reach many different failures inside the unpickler
+        (tmp_path / "noise.pt").write_bytes(random.Random(seed).randbytes(500))
+        with pytest.raises(C.CheckpointError):
+            C.load_checkpoint(tmp_path / "noise.pt")
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -173,10 +176,10 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data_dir
     def snapshot():
         return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    batches = iter(T.batches(trainer.train_data, 64, seed=0, epoch=0))
+    order = iter(batches(trainer.train_data, 64, seed=0, epoch=0))
     for i in range(5):
         before = snapshot()
-        stats = trainer.train_batch(next(batches)[1])
+        stats = trainer.train_batch(next(order)[1])
         unchanged = all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
         assert unchanged == (i + 1 in calls["bad"]), i
         assert math.isnan(stats["loss"]) == (i + 1 in calls["bad"])
@@ -185,7 +188,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, data_dir
     trainer.save()
     calls["bad"] = set(range(1000))
     with pytest.raises(TrainingError, match="3 optimiser steps in a row had a non-finite"):
-        for _, batch in batches:
+        for _, batch in order:
             trainer.train_batch(batch)
     assert C.load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 3  # the last good checkpoint stays
 
@@ -209,7 +212,7 @@ def _as_if_written_on_a_gpu(path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a CPU-only machine does with a GPU checkpoint")
 def test_a_gpu_checkpoint_loads_and_resumes_on_a_cpu_only_machine(tmp_path, data_dir):
     from seqvae import configs
-    from seqvae.train import RunConfig, load_run, train
+    from seqvae.run import RunConfig, load_run, train
 
     overrides = ["data.limit=256", "data.valid_limit=32", "train.epochs=1", "train.progress=false", "train.samples=4"]
     _, model, run = train("draw", preset="quick", overrides=overrides, name="gpu", runs_dir=tmp_path, data_dir=str(data_dir), log=lambda m: None)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import seqvae.train as T
-from seqvae.cli import build_config
+from seqvae.data import batches
+from seqvae.run import build_config
 from seqvae.checkpoint import load_checkpoint
+from seqvae.configs import ConfigError
 
 
 def vrnn_config(data_dir, *extra):
@@ -34,7 +36,7 @@ def test_time_limit_stops_before_an_epoch_that_would_overrun(tmp_path, data_dir)
 
 def test_tbptt_takes_one_step_per_chunk_and_reports_the_whole_sequence(tmp_path, data_dir):
     trainer = T.Trainer(vrnn_config(data_dir, "train.epochs=1", "train.tbptt=10"), tmp_path / "r", log=lambda m: None)
-    batch = next(T.batches(trainer.train_data, trainer.local_batch, seed=0))[1]
+    batch = next(batches(trainer.train_data, trainer.local_batch, seed=0))[1]
     chunks = math.ceil(int(batch.lengths.max()) / 10)
     steps = []
     real = trainer._optimise
@@ -60,11 +62,11 @@ def test_gradients_are_clipped_before_the_optimiser_step(tmp_path, data_dir, mon
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(trainer.optimizer, "step", step)
-    stats = trainer.train_batch(next(T.batches(trainer.train_data, trainer.local_batch, seed=0))[1])
+    stats = trainer.train_batch(next(batches(trainer.train_data, trainer.local_batch, seed=0))[1])
     assert stats["grad_norm"] > 0.01  # the raw norm, reported
     assert seen and all(n <= 0.01 * (1 + 1e-4) for n in seen)  # what the optimiser saw
 
 
 def test_model_and_data_must_match(tmp_path, data_dir):
-    with pytest.raises(T.TrainingError, match="model.x_dim=30 but jsb_chorales has 88"):
-        T.Trainer(vrnn_config(data_dir, "model.x_dim=30"), tmp_path / "r")
+    with pytest.raises(ConfigError, match="model.x_dim=30 but jsb_chorales has 88"):
+        vrnn_config(data_dir, "model.x_dim=30")
