@@ -59,7 +59,9 @@ def gru_update(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
     gh_ru, gh_n = gh.split([2 * d, d], dim=-1)
     r, u = torch.sigmoid(gi_ru + gh_ru).chunk(2, dim=-1)
     n = torch.tanh(torch.addcmul(gi_n, r, gh_n))
-    return torch.lerp(n, h, u)  # (1 - u) n + u h
+    # (1 - u) n + u h, in the state's dtype: under mixed precision the gates may be bfloat16
+    # while the state stays float32, and a state keeps one dtype from step to step
+    return torch.lerp(n.to(h.dtype), h, u.to(h.dtype))
 
 
 def _uniform_init_(layer: StepLinear, hidden_size: int) -> None:

@@ -192,9 +192,14 @@ def cmd_viz(args, extra: list[str]) -> int:
         return 0
     _, spec, config, model, _, device = _load(args)
     torch.manual_seed(args.seed)
+    midi = Path(args.midi) if args.midi else None
+    if midi is not None and midi.suffix.lower() not in (".mid", ".midi"):
+        raise CLIError(f"--midi must name a .mid file, got {midi.name!r}")
     draw_view(args.what, model, spec, config, _split_loader(config, args.split, args.data_dir), out, n=args.n,
-              steps=args.steps, limit=args.limit, split=args.split, device=device)
+              steps=args.steps, limit=args.limit, split=args.split, device=device, midi=midi)
     print(f"written {out}")
+    if midi is not None:
+        print(f"written {midi}")
     return 0
 
 
@@ -211,7 +216,10 @@ def cmd_sample(args, extra: list[str]) -> int:
     run_dir, spec, config, model, _, _ = _load(args)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir) if args.out_dir else (run_dir if run_dir.is_dir() else Path("."))
-    for path in write_samples(model, spec, dataset_info(config.data), args.n, out_dir, steps=args.steps):
+    midi = Path(args.midi) if args.midi else None
+    if midi is not None and midi.suffix.lower() not in (".mid", ".midi"):
+        raise CLIError(f"--midi must name a .mid file, got {midi.name!r}")
+    for path in write_samples(model, spec, dataset_info(config.data), args.n, out_dir, steps=args.steps, midi=midi):
         print(f"written {path}")
     return 0
 
@@ -254,6 +262,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64, help="number of samples")
     s.add_argument("--steps", type=int, help="sequence models: time steps per sample")
     s.add_argument("--out-dir", help="where to write (default: the run folder)")
+    s.add_argument("--midi", help="piano-roll data: also write the samples as this MIDI file (one step = one beat at 100 bpm; needs mido)")
     s.add_argument("--checkpoint", default="best", choices=["best", "last"])
     s.add_argument("--device", default="auto")
     s.add_argument("--seed", type=int, default=0)
@@ -273,6 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--runs-dir", default="runs")
     v.add_argument("--data-dir")
+    v.add_argument("--midi", help="--what sequences of piano-roll data: also write the n reconstructions as this MIDI file")
     v.set_defaults(func=cmd_viz)
     return p
 
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         return args.func(args, extra)
-    except (CLIError, ConfigError, DataError, CheckpointError, TrainingError, ViewError, ValueError) as err:
+    except (CLIError, ConfigError, DataError, CheckpointError, TrainingError, ViewError, ValueError, ImportError) as err:
         message = str(err).strip() or type(err).__name__
         print(f"seqvae: error: {message}", file=sys.stderr)
         return 2

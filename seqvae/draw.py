@@ -180,7 +180,7 @@ class DRAW(RecurrentModel):
         h_enc, c_enc, h_dec, c_dec = (s.expand(batch_size, -1) for s in self.state0)
         return DrawState(canvas, h_enc, c_enc, h_dec, c_dec)
 
-    def precompute(self, x: Tensor) -> list[Tensor]:
+    def precompute(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> list[Tensor]:
         """Every glimpse sees the whole image."""
         return [x] * self.steps
 

@@ -54,6 +54,7 @@ class _Tap(Function):
     @staticmethod
     def forward(ctx, weight: Tensor, bias: Tensor, stash: list) -> tuple[Tensor, Tensor]:
         ctx.stash = stash
+        ctx.dtype = weight.dtype
         ctx.set_materialize_grads(False)
         return weight.view_as(weight), bias.view_as(bias)
 
@@ -62,8 +63,9 @@ class _Tap(Function):
         stash = ctx.stash
         if not stash:
             return None, None, None
-        xs = torch.cat([x for x, _ in stash])  # (t*b, i)
-        gs = torch.cat([g for _, g in stash])  # (t*b, o)
+        # in the weight's dtype: under mixed precision the steps' x and g may be bfloat16 or float16
+        xs = torch.cat([x.to(ctx.dtype) for x, _ in stash])  # (t*b, i)
+        gs = torch.cat([g.to(ctx.dtype) for _, g in stash])  # (t*b, o)
         stash.clear()
         return gs.t() @ xs, gs.sum(0), None  # (o, i), like torch.nn.Linear's weight
 
@@ -80,7 +82,7 @@ class _StepAffine(Function):
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
         ctx.stash.append((x, g))
-        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None  # autocast may have run forward in bf16
         return gx, None, None, (g if ctx.has_extra else None), None
 
 

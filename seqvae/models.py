@@ -31,6 +31,8 @@ Presets of the built-in models:
                      of training (train.time_limit), so that any objective fits ~15 minutes on a 2-core CPU
           paper      a larger VRNN, for a GPU
     rnn   quick / paper   the matching RNN baselines
+    srnn  quick      a small SRNN (smoothing posterior) on JSB chorales, the VRNN's quick schedule
+          long       a wider SRNN (hidden 128, z 32, lr 1e-3), up to 55 minutes of training
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .draw import DRAW, DrawConfig
+from .srnn import SRNN, SRNNConfig
 from .vrnn import RNN, VRNN, RNNConfig, VRNNConfig
 
 __all__ = ["ModelSpec", "MODELS", "register_model", "get_model", "VIEWS"]
@@ -137,5 +140,14 @@ register_model(
     presets={
         "quick": ["model.hidden_size=64", "model.cell=gru", *_JSB_QUICK],
         "paper": ["model.hidden_size=256", "model.cell=lstm", *_JSB_PAPER],
+    },
+)
+register_model(
+    "srnn", config=SRNNConfig, model=SRNN, data=("sequences",), default_data="jsb_chorales", views=("sequences",),
+    description="the stochastic recurrent network (Fraccaro et al. 2016), smoothing or filtering posterior",
+    presets={
+        "quick": ["model.hidden_size=64", "model.z_size=16", "model.cell=gru", "model.output_bias_from_data=true", *_JSB_QUICK],
+        "long": ["model.hidden_size=128", "model.z_size=32", "model.cell=gru", "model.output_bias_from_data=true",
+                 *_JSB_QUICK, "train.time_limit=55", "train.patience=60", "train.lr=0.001"],
     },
 )

@@ -187,6 +187,11 @@ def bound(
             )
         if carry is not None or mask is not None:
             raise ValueError(f"{type(model).__name__} scores whole images: masks and carries do not apply")
+    elif carry is not None and carry.state is not None and not getattr(model, "continues_chunks", True):
+        raise ValueError(
+            f"{type(model).__name__} cannot continue a sequence from a carried state (its posterior reads the "
+            "whole sequence): score whole sequences, without truncated BPTT"
+        )
     carry = Carry.start(x.shape[0], k, x) if carry is None else carry
     value, carry = spec.chunk(model, x, k=k, mask=mask, carry=carry, beta=beta, free_bits=free_bits,
                               resample_threshold=resample_threshold)

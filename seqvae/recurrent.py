@@ -6,10 +6,14 @@ A model states its recurrence once, as a step (in the manner of dm-haiku's `recu
 
     initial_state(b) -> S            the state before the first step: a NamedTuple of (b, ...)
                                      tensors (a field may be None, or a nested NamedTuple)
-    precompute(x) -> [I_1, .., I_T]  the inputs of every step, from the observations x: the
-                                     work that does not depend on the state (feature networks
-                                     of x, their products with weights) is done here, batched
-                                     over all steps; the default is x_t itself
+    precompute(x, state, mask)       the inputs of every step, [I_1, .., I_T], from the
+                                     observations x: the work that does not depend on the
+                                     sampled latents (feature networks of x, their products
+                                     with weights, deterministic RNNs over x) is done here,
+                                     batched over all steps; the default is x_t itself. state
+                                     is the state the pass starts from (for models whose
+                                     precomputation continues over chunks), mask the (b, t)
+                                     real steps (for RNNs that run backwards; None: all real)
     step(I_t, S) -> (O_t, S)         one step: what must be sequential (sampling z_t, the cell).
                                      I_t = None means generating: the step samples its own
                                      observation (and returns it in O_t)
@@ -19,6 +23,9 @@ A model states its recurrence once, as a step (in the manner of dm-haiku's `recu
     sequential: bool                 True: x is (b, t, ...) and observation t is scored by step
                                      t (masks, carried states and FIVO apply); False: the whole
                                      x is scored once, from the final state (DRAW)
+    continues_chunks: bool           whether a sequence may be scored chunk by chunk from a
+                                     carried state (truncated BPTT); False for a posterior
+                                     that reads the future (a smoothing SRNN)
 
 `RecurrentModel` is a base class with the defaults, `terms()` and `check_input()`.
 
@@ -33,7 +40,8 @@ values, so that it can be traced (torch.compile, CUDA graphs).
 
 `reverse_by_length(x, lengths)` reverses each padded sequence's real steps in place of
 the padding-first flip, for backward RNNs: padding stays at the end and never reaches a
-real step.
+real step. `scan(cell, gates, state)` runs a deterministic cell over precomputed input
+gates (a model's precompute uses it for RNNs over x, forwards or, reversed, backwards).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ __all__ = [
     "map_state",
     "where_state",
     "reverse_by_length",
+    "scan",
 ]
 
 
@@ -110,6 +119,17 @@ def reverse_by_length(x: Tensor, lengths: Tensor | None) -> Tensor:
     return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
+def scan(cell, gates: Tensor, state: Any) -> tuple[Tensor, Tensor | None]:
+    """Run a deterministic cell (cells.py) over input gates (t, b, g) computed beforehand for
+    every step, from `state`: its h (t, b, d) after each step, and its c (or None for a GRU)."""
+    hs, cs = [], []
+    for gates_t in gates.unbind(0):
+        state = cell.update(gates_t, cell.hidden_gates(state.h), state)
+        hs.append(state.h)
+        cs.append(state.c)
+    return torch.stack(hs), None if cs[0] is None else torch.stack(cs)
+
+
 def _mask_terms(terms: Terms, mask: Tensor | None) -> Terms:
     if mask is None:
         return terms
@@ -135,7 +155,7 @@ def unroll(
     if mask is not None:  # padded steps are zeroed so that nothing there can leak into a result
         x = x.masked_fill(~mask.view(*mask.shape, *([1] * (x.dim() - 2))), 0.0)
     state = model.initial_state(b) if state is None else state
-    inputs = model.precompute(x)
+    inputs = model.precompute(x, state=state, mask=mask)
     outs, states = [], []
     with unrolled(model):  # large weight gradients once per sequence, not once per step (linear.py)
         for t, step_input in enumerate(inputs):
@@ -181,11 +201,12 @@ class RecurrentModel(nn.Module):
     """
 
     sequential = True
+    continues_chunks = True
 
     def initial_state(self, batch_size: int) -> Any:
         raise NotImplementedError
 
-    def precompute(self, x: Tensor) -> Sequence[Any]:
+    def precompute(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> Sequence[Any]:
         """The inputs of each step: by default the observation x_t (b, ...) of a (b, t, ...) x."""
         return x.unbind(1)
 

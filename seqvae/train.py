@@ -171,7 +171,11 @@ class Trainer:
                 check_data(self.data_info)
             except ConfigError as err:
                 raise TrainingError(str(err)) from None
-        self.model = get_model(config.model_kind).build(config.model).to(self.device)
+        self.model = get_model(config.model_kind).build(config.model)
+        initialise = getattr(self.model, "initialise_from_data", None)
+        if initialise is not None and not resume:
+            initialise(self.train_data)  # a hook of the model's: a start that depends on the training data
+        self.model.to(self.device)
         self.objective = _Bound(self.model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -42,8 +42,24 @@ def sample_figure(model, info: DataInfo, n: int, *, steps: int | None = None, ti
     return viz.piano_rolls(sample.x.cpu(), suptitle=title)
 
 
-def write_samples(model, spec, info: DataInfo, n: int, out_dir: Path, *, steps: int | None = None) -> list[Path]:
-    """samples.png (and samples.gif, the canvas step by step, for models with a canvas view)."""
+def _check_midi(info: DataInfo) -> None:
+    if info.display != "piano":
+        raise ViewError(f"--midi writes piano rolls; the {info.name} data are not piano rolls (binary 88-key sequences)")
+
+
+def write_samples(model, spec, info: DataInfo, n: int, out_dir: Path, *, steps: int | None = None,
+                  midi: Path | None = None) -> list[Path]:
+    """samples.png (and samples.gif, the canvas step by step, for models with a canvas view;
+    with `midi`, the same samples as a MIDI file, for piano-roll data)."""
+    if midi is not None:
+        _check_midi(info)
+        from .music import write_midi
+
+        steps = steps or info.length or 100
+        sample = model.generate(n, steps)
+        what = f"{spec.name} samples ({steps} steps)"
+        return [viz.save_figure(viz.piano_rolls(sample.x.cpu(), suptitle=what), out_dir / "samples.png"),
+                write_midi(sample.x, midi)]
     if "canvas" in spec.views:
         trace = model.generate(n)
         return [
@@ -59,11 +75,15 @@ def write_samples(model, spec, info: DataInfo, n: int, out_dir: Path, *, steps: 
 
 
 def draw_view(what: str, model, spec, config, load_split, out: Path, *, n: int = 4, steps: int = 8, limit: int = 1000,
-              split: str = "valid", device="cpu") -> Path:
+              split: str = "valid", device="cpu", midi: Path | None = None) -> Path:
     """Draw view `what` of a model into `out` (.png/.pdf/.svg, or .gif for glimpses and canvas).
 
     load_split() returns the data split to look at (called only by the views that need data).
+    With `midi` ("sequences" of piano-roll data), the reconstructions of the first n sequences
+    (notes whose probability under the model exceeds 0.5) are also written as a MIDI file.
     """
+    if midi is not None and what != "sequences":
+        raise ViewError("--midi writes reconstructions of sequences: use it with --what sequences")
     if what not in spec.views:
         offered = ", ".join([*spec.views, "curves"])
         raise ViewError(f"--what {what} is not a view of {spec.name} runs: it offers {offered}")
@@ -96,6 +116,12 @@ def draw_view(what: str, model, spec, config, load_split, out: Path, *, n: int =
         fig = viz.sequence_kl(batch.x[0, :length], kl, mean=trace.mean[0, :length], binary=data.binary,
                               mean_label=getattr(model, "reconstruction_label", "the model's output mean at each step"),
                               title=f"{spec.name} on {data_name}/{split}, sequence 0")
+        if midi is not None:
+            from .data import dataset_info
+            from .music import write_midi
+
+            _check_midi(dataset_info(config.data))
+            write_midi([trace.mean[i, : int(n_i)].cpu() for i, n_i in enumerate(batch.lengths)], midi)
     else:  # latents
         from .diagnostics import latent_usage
 

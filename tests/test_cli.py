@@ -56,6 +56,27 @@ def test_vrnn_quick_with_tbptt_and_fivo(tmp_path, data_dir):
     assert (run / "samples.png").exists()
 
 
+@pytest.mark.parametrize("objective", ["elbo", "iwae", "fivo"])
+def test_srnn_quick_trains_with_each_objective_and_writes_midi(tmp_path, data_dir, objective):
+    from seqvae.music import read_midi_notes
+
+    k = "1" if objective == "elbo" else "2"
+    seqvae("train", "srnn", "--data", "jsb_chorales", "--preset", "quick", "--name", "s", "--data.limit=32", "--data.valid_limit=8",
+           "--train.epochs=1", f"--objective.name={objective}", f"--objective.k={k}", cwd=tmp_path, data_dir=data_dir)
+    run = tmp_path / "runs" / "s"
+    out = seqvae("eval", "s", "--k", "4", "--limit", "5", cwd=tmp_path, data_dir=data_dir).stdout
+    assert "srnn on jsb_chorales/test (5 examples)" in out and "per time step" in out
+    if objective != "elbo":
+        return
+    seqvae("sample", "s", "--n", "2", "--steps", "24", "--midi", "s.mid", cwd=tmp_path, data_dir=data_dir)
+    notes = read_midi_notes(tmp_path / "s.mid")
+    assert notes and all(21 <= note <= 108 for _, _, note in notes) and max(end for _, end, _ in notes) <= 24 + 4 + 24
+    seqvae("viz", "s", "--what", "sequences", "--out", "r.png", "--n", "2", "--midi", "r.mid", cwd=tmp_path, data_dir=data_dir)
+    assert (tmp_path / "r.png").exists() and all(21 <= note <= 108 for _, _, note in read_midi_notes(tmp_path / "r.mid"))
+    err = seqvae("sample", "s", "--midi", "s.txt", cwd=tmp_path, data_dir=data_dir, check=False)
+    assert err.returncode == 2 and "--midi must name a .mid file" in err.stderr
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
