@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, Normal
 
 __all__ = ["Terms", "standard_normal_like", "diagonal_normal"]
 
@@ -45,14 +45,21 @@ class Terms:
         """Analytic KL(q || p) per example and step, (b, s); zeros without latents."""
         if self.posterior is None:
             return self.log_px.new_zeros(self.log_px.shape[:2])
-        return self._masked(kl_divergence(self.posterior, self.prior))
+        return self._masked(self._unit_kl().sum(-1))
 
     def kl_per_unit(self) -> Tensor:
         """Analytic KL per latent unit, (b, s, z) (the diagonal Gaussians factorise)."""
         if self.posterior is None:
             return self.log_px.new_zeros(*self.log_px.shape[:2], 0)
-        kl = kl_divergence(self.posterior.base_dist, self.prior.base_dist)
+        kl = self._unit_kl()
         return kl if self.mask is None else kl * self.mask[..., None]
+
+    def _unit_kl(self) -> Tensor:
+        """KL(N(m_q, s_q^2) || N(m_p, s_p^2)) per unit, (b, s, z), written out: torch's
+        kl_divergence dispatch cannot be traced by torch.compile; tested equal to it."""
+        q, p = self.posterior.base_dist, self.prior.base_dist
+        ratio = (q.scale / p.scale).square()
+        return 0.5 * (ratio + ((q.loc - p.loc) / p.scale).square() - 1 - ratio.log())
 
     def log_ratio(self) -> Tensor:
         """log p(z_s | ...) - log q(z_s | ...) at the sampled z, (b, s): the Monte Carlo KL's negative."""
