@@ -1,10 +1,10 @@
 """The `seqvae` command line: train, eval, sample.
 
-    seqvae train draw [--preset quick|paper] [--data NAME] [--name NAME] [--section.key=value ...]
-    seqvae train vrnn --data jsb_chorales [--preset quick|paper] ...
+    seqvae train MODEL [--preset NAME] [--data NAME] [--name NAME] [--section.key=value ...]
+                     (models, presets and data sets come from their registries; see --help)
     seqvae train draw --name NAME --resume            continue a run from its last checkpoint
     seqvae eval RUN [--k 5000] [--split test]         test log-likelihood estimate
-    seqvae sample RUN [--n 64]                        samples as PNG (and a GIF for DRAW)
+    seqvae sample RUN [--n 64] [--midi out.mid]       samples as PNG (a GIF for DRAW, MIDI for piano rolls)
     seqvae viz RUN --what glimpses|canvas|sequences|latents|curves --out FILE
 
 Every override is checked against the config dataclasses (an unknown key or a value of the
@@ -97,8 +97,8 @@ def _load(args):
     from .run import load_run
     from .train import resolve_device
 
-    run_dir = _run_dir(args.run, args.runs_dir)
     device = resolve_device(args.device)
+    run_dir = _run_dir(args.run, args.runs_dir)
     config, model, payload = load_run(run_dir, which=args.checkpoint, map_location=device)
     return run_dir, get_model(config.model_kind), config, model, payload, device
 
@@ -118,6 +118,8 @@ def cmd_eval(args, extra: list[str]) -> int:
 
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.k is None:
+        args.k = {"ll": 5000, "elbo": 1}.get(args.bound, 50)
     if args.k < 1:
         raise CLIError(f"--k must be a positive number of samples, got {args.k}")
     if args.limit is not None and args.limit < 1:
@@ -228,7 +230,10 @@ def _parser() -> argparse.ArgumentParser:
     from .models import MODELS, VIEWS
     from .objectives import OBJECTIVES
 
+    from .data import DATASETS
+
     presets = "; ".join(f"{name}: {', '.join(spec.presets) or '(none)'}" for name, spec in MODELS.items())
+    splits = sorted({split for spec in DATASETS.values() for split in spec.splits})
     p = argparse.ArgumentParser(prog="seqvae", description="Recurrent latent-variable generative models: DRAW and variational RNNs.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -244,9 +249,9 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="estimate the test log-likelihood of a trained run")
     e.add_argument("run", help="run folder, run name under --runs-dir, or checkpoint file")
-    e.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
+    e.add_argument("--k", type=int, help="samples (particles) per example (default: 5000 for ll, 1 for elbo, 50 otherwise)")
     e.add_argument("--bound", default="ll", choices=["ll", *OBJECTIVES], help="ll = importance-sampling estimate of log p(x)")
-    e.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    e.add_argument("--split", default="test", choices=splits, help="a split of the run's data set")
     e.add_argument("--limit", type=int, help="use only the first N examples of the split")
     e.add_argument("--batch-size", type=int, default=100)
     e.add_argument("--checkpoint", default="best", choices=["best", "last"])
@@ -275,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="output file: .png/.pdf/.svg, or .gif for an animation (glimpses, canvas)")
     v.add_argument("--n", type=int, default=4, help="examples (glimpses, canvas, sequences)")
     v.add_argument("--steps", type=int, default=8, help="steps shown as columns (glimpses, canvas)")
-    v.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    v.add_argument("--split", default="valid", choices=splits, help="a split of the run's data set")
     v.add_argument("--limit", type=int, default=1000, help="examples for --what latents")
     v.add_argument("--checkpoint", default="best", choices=["best", "last"])
     v.add_argument("--device", default="auto")

@@ -25,6 +25,9 @@ products. Measured on that machine (process CPU time, one thread): DRAW's LSTM w
 and smaller (batch 128) 10% faster unbatched. So weights below BATCH_MIN_WEIGHTS elements
 keep autograd's per-step gradient.
 
+Under torch.compile the batching is left out: the compiled graph schedules the weight
+gradients itself, and the stash (Python state mutated in backward) cannot be traced.
+
 `StepLinear` is a module holding (weight, bias) like torch.nn.Linear (weight (o, i)); inside
 `with unrolled(model):` every StepLinear of the model batches its weight gradient this way.
 
@@ -171,6 +174,9 @@ class BlockLinear(StepLinear):
 @contextmanager
 def unrolled(*modules: nn.Module) -> Iterator[None]:
     """Batch the weight gradients of every StepLinear in `modules` for the loop inside."""
+    if torch.compiler.is_compiling():  # a compiled graph accumulates weight gradients itself
+        yield
+        return
     layers = [m for module in modules for m in module.modules() if isinstance(m, StepLinear)]
     try:
         for layer in layers:

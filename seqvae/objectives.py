@@ -236,7 +236,11 @@ def _fivo_chunk(model, x, *, k, mask, carry, beta, resample_threshold, **_):
             need = need & mask[:, t]
         filt["acc"] = filt["acc"] + torch.where(need, log_mean_exp(log_w, 0), torch.zeros_like(filt["acc"]))
         with torch.no_grad():  # the resampling itself is not differentiated
-            ancestors = torch.multinomial(log_w.detach().t().softmax(-1), k, replacement=True)  # (b, k)
+            probs = torch.nan_to_num(log_w.detach().t().softmax(-1), nan=0.0)  # (b, k)
+            # an example whose weights are all NaN or -inf draws uniformly: its value is already
+            # non-finite (the trainer skips such a step); drawing must not fail on it
+            probs = torch.where(probs.sum(-1, keepdim=True) > 0, probs, torch.full_like(probs, 1.0 / k))
+            ancestors = torch.multinomial(probs, k, replacement=True)  # (b, k)
             ancestors = torch.where(need[:, None], ancestors, keep)
             index = rearrange(ancestors * b + columns[:, None], "b k -> (k b)")
         filt["log_w"] = torch.where(need, torch.zeros_like(log_w), log_w)

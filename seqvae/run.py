@@ -94,10 +94,11 @@ def _check_pairing(config: RunConfig) -> None:
     check(not objective.stepwise or sequential,
           f"objective.name={objective.name} needs a sequence model that scores each step; {spec.name} does not")
     check(config.train.tbptt == 0 or sequential, "train.tbptt applies to sequence models only")
-    check(config.train.tbptt == 0 or getattr(config.model, "continues_chunks", True),
+    chunks = getattr(config.model, "continues_chunks", getattr(spec.model, "continues_chunks", True))
+    check(config.train.tbptt == 0 or chunks,
           f"train.tbptt cannot be used with this {spec.name}: its posterior reads the whole sequence, so a chunk "
           "cannot be scored without the steps after it; train on whole sequences (train.tbptt=0)"
-          + (" or use model.posterior=filtering" if hasattr(config.model, "posterior") else ""))
+          + getattr(config.model, "chunks_hint", ""))
 
 
 def build_model(config: RunConfig) -> nn.Module:

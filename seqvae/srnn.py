@@ -77,6 +77,8 @@ class SRNNConfig:
         check(self.posterior_layers >= 0, f"model.posterior_layers must be at least 0, got {self.posterior_layers}")
         return self
 
+    chunks_hint = " or use model.posterior=filtering"
+
     @property
     def continues_chunks(self) -> bool:
         """Whether a sequence can be scored chunk by chunk (truncated BPTT): not when q reads the future."""
@@ -174,11 +176,12 @@ class SRNN(SequenceModel):
             z = torch.addcmul(loc, scale, torch.randn_like(loc))
             params = self.decoder(torch.cat([z, d], dim=-1))
             x = self.head(params).sample()
-            return SRNNStep(z, loc, scale, prior_loc, prior_scale, d, x, params), SRNNState(z, d, c, x)
+            return SRNNStep(z, loc, scale, prior_loc, prior_scale, d, x, params), SRNNState(z.to(state.z.dtype), d, c, x)
         correction, scale = self.posterior_net.finish(inputs.posterior_a + self.posterior_net.project(0, state.z))
         loc = prior_loc + correction  # the residual parameterisation
         z = torch.addcmul(loc, scale, torch.randn_like(loc))
-        return SRNNStep(z, loc, scale, prior_loc, prior_scale, d), SRNNState(z, d, c, inputs.x)
+        # the carried state keeps its dtype (under autocast z may come out in bfloat16)
+        return SRNNStep(z, loc, scale, prior_loc, prior_scale, d), SRNNState(z.to(state.z.dtype), d, c, inputs.x)
 
     def score(self, x: Tensor, outs: SRNNStep, state: Any = None) -> Terms:
         """log p(x_t | z_t, d_t), q and p per step; the decoder batched over all steps."""

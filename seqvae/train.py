@@ -111,8 +111,13 @@ def resolve_device(name: str) -> torch.device:
     """auto (CUDA when present), cpu, cuda or cuda:N; a clear error when CUDA is asked for and absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    index = name[5:] if name.startswith("cuda:") else ""
+    if name not in ("cpu", "cuda") and not index.isdigit():
+        raise TrainingError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"train.device={name} but CUDA is not available on this machine; use cpu or auto")
+        raise TrainingError(f"device {name} but CUDA is not available on this machine; use cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise TrainingError(f"device {name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 

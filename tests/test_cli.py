@@ -88,6 +88,9 @@ def test_srnn_quick_trains_with_each_objective_and_writes_midi(tmp_path, data_di
         (["train", "draw", "--model.steps"], "has no value"),
         (["eval", "nowhere"], "no run 'nowhere'"),
         (["eval", "nowhere", "--k", "-5"], "--k must be a positive number"),
+        (["eval", "nowhere", "--device", "bogus"], "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+        (["train", "srnn", "--train.tbptt=10"], "its posterior reads the whole sequence"),
+        (["train", "vrnn", "--model.posterior=filtering"], "unknown config key 'model.posterior'"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(tmp_path, data_dir, args, message):

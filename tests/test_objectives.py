@@ -163,11 +163,11 @@ class LinearGaussianSSM(RecurrentModel):
         p_scale = torch.where(state.first > 0, math.sqrt(self.q0), math.sqrt(self.q)).expand_as(p_loc)
         q_loc = self.alpha * state.z + self.beta * x_t
         q_scale = torch.full_like(q_loc, self.e)
-        z = Normal(q_loc, q_scale).sample()
+        z = Normal(q_loc, q_scale, validate_args=False).sample()
         return SSMDraw(z, p_loc, p_scale, q_loc, q_scale), SSMState(z, torch.zeros_like(state.first))
 
     def score(self, x, outs, state):
-        log_px = Normal(self.c * outs.z, math.sqrt(self.r)).log_prob(x).sum(-1)  # (b, t)
+        log_px = Normal(self.c * outs.z, math.sqrt(self.r), validate_args=False).log_prob(x).sum(-1)  # (b, t)
         return Terms(log_px, diagonal_normal(outs.q_loc, outs.q_scale), diagonal_normal(outs.p_loc, outs.p_scale), outs.z)
 
     def log_marginal(self, x, lengths):
@@ -242,6 +242,17 @@ def test_fivo_with_a_proposal_that_reads_the_future_stays_a_lower_bound():
     mean, err = big.mean(0), big.std(0) / 2
     assert (mean <= logp + 3 * err + 1e-6).all()  # a stochastic lower bound: below log p(x) in expectation
     assert ((logp - mean).abs() / lengths < 0.05).all()  # and within 0.05 nats per step at k = 1000
+
+
+def test_fivo_with_non_finite_weights_returns_non_finite_values_instead_of_failing():
+    """A NaN in the weights (a diverged model) must reach the trainer's non-finite guard as a
+    value, not stop the run inside the resampling."""
+    model, x, lengths = ssm_data()
+    x = x.clone()
+    x[1, 3, 0] = float("nan")  # a real step of sequence 1
+    mask = torch.arange(20)[None] < lengths[:, None]
+    value, _ = bound(model, x, name="fivo", k=8, mask=mask)
+    assert torch.isnan(value[1]) and torch.isfinite(value[[0, 2]]).all()
 
 
 def test_fivo_without_resampling_is_iwae():
