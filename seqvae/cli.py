@@ -58,14 +58,14 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def cmd_train(args, extra: list[str]) -> int:
     from .distributed import finish, init_from_env
-    from .run import build_config, load_run_config
+    from .run import build_config, load_run_config, run_folder
     from .train import Trainer
 
     overrides = _split_overrides(extra)
     if args.resume:
         if not args.name:
             raise CLIError("--resume needs --name NAME (the run to continue)")
-        run_dir = Path(args.runs_dir) / args.name
+        run_dir = run_folder(args.runs_dir, args.name)
         config = load_run_config(run_dir)
         if config.model_kind != args.kind:
             raise CLIError(f"run {args.name} trains {config.model_kind}, not {args.kind}")
@@ -77,7 +77,7 @@ def cmd_train(args, extra: list[str]) -> int:
     else:
         config = build_config(args.kind, args.preset, overrides, args.data, args.data_dir)
         name = args.name or f"{args.kind}-{config.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(args.runs_dir) / name
+        run_dir = run_folder(args.runs_dir, name)
     init_from_env(use_cuda=config.train.device != "cpu")
     trainer = Trainer(config, run_dir, resume=args.resume, log=_log)
     trainer.fit()
@@ -85,6 +85,15 @@ def cmd_train(args, extra: list[str]) -> int:
         _log(f"run folder: {run_dir}")
     finish()
     return 0
+
+
+MAX_FIGURE_EXAMPLES = 64  # examples drawn in one figure (seqvae viz --n)
+MAX_SAMPLES = 4096  # samples in one call of seqvae sample
+
+
+def _check_count(flag: str, value: int, most: int) -> None:
+    if not 1 <= value <= most:
+        raise CLIError(f"{flag} must lie in 1..{most}, got {value}")
 
 
 def _log(message: str) -> None:
@@ -177,8 +186,9 @@ def cmd_viz(args, extra: list[str]) -> int:
 
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
-    if args.n < 1:
-        raise CLIError(f"--n must be at least 1, got {args.n}")
+    _check_count("--n", args.n, MAX_FIGURE_EXAMPLES)
+    _check_count("--steps", args.steps, 1000)
+    _check_count("--limit", args.limit, 1_000_000)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".pdf", ".svg", ".gif"):
         raise CLIError(f"--out must end in .png, .pdf, .svg or .gif, got {out.name!r}")
@@ -213,8 +223,9 @@ def cmd_sample(args, extra: list[str]) -> int:
 
     if extra:
         raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
-    if args.n < 1:
-        raise CLIError(f"--n must be at least 1, got {args.n}")
+    _check_count("--n", args.n, MAX_SAMPLES)
+    if args.steps is not None:
+        _check_count("--steps", args.steps, 100_000)
     run_dir, spec, config, model, _, _ = _load(args)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir) if args.out_dir else (run_dir if run_dir.is_dir() else Path("."))

@@ -33,7 +33,9 @@ from .models import MODELS, get_model
 from .objectives import OBJECTIVES, ObjectiveConfig
 from .train import TrainConfig, Trainer, TrainingError
 
-__all__ = ["RunConfig", "build_config", "build_model", "load_run", "load_run_config", "train"]
+__all__ = ["RunConfig", "build_config", "build_model", "load_run", "load_run_config", "train", "run_folder", "MAX_NAME"]
+
+MAX_NAME = 100  # characters in a run name
 
 
 @dataclass
@@ -99,6 +101,18 @@ def _check_pairing(config: RunConfig) -> None:
           f"train.tbptt cannot be used with this {spec.name}: its posterior reads the whole sequence, so a chunk "
           "cannot be scored without the steps after it; train on whole sequences (train.tbptt=0)"
           + getattr(config.model, "chunks_hint", ""))
+
+
+def run_folder(runs_dir: str | os.PathLike, name: str) -> Path:
+    """runs_dir/name for a run name of letters, digits, '.', '_' and '-' (at most MAX_NAME
+    characters, not starting with '.'): a name can never reach outside the runs folder."""
+    if not name or len(name) > MAX_NAME or name.startswith(".") or not all(c.isalnum() or c in "._-" for c in name) \
+            or not name.isascii():
+        raise ConfigError(
+            f"run name {name[:40]!r}{'...' if len(name) > 40 else ''} must be 1-{MAX_NAME} ASCII letters, digits, "
+            "'.', '_' or '-', not starting with '.' (it names a folder under --runs-dir)"
+        )
+    return Path(runs_dir) / name
 
 
 def build_model(config: RunConfig) -> nn.Module:
@@ -190,7 +204,7 @@ def train(
     reuse=True an existing run of that name is loaded (and trained further only if its
     train.epochs has not been reached) instead of being an error.
     """
-    run_dir = Path(runs_dir) / (name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = run_folder(runs_dir, name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     resume = reuse and (run_dir / "checkpoint.pt").exists()
     if resume:  # continue the run as it was configured
         config = load_run_config(run_dir)

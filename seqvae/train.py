@@ -84,7 +84,7 @@ class TrainConfig:
     time_limit: float = 0.0  # minutes of training (this session); stop before an epoch that would overrun. 0 = none
 
     def validate(self) -> "TrainConfig":
-        check(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
+        check(1 <= self.epochs <= 100_000, f"train.epochs must lie in 1..100000, got {self.epochs}")
         check(self.optimizer in ("adam", "sgd"), f"train.optimizer must be adam or sgd, got {self.optimizer!r}")
         check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         check(0 < self.lr_decay <= 1, f"train.lr_decay must lie in (0, 1], got {self.lr_decay}")
@@ -100,7 +100,7 @@ class TrainConfig:
         check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         check(self.max_nonfinite >= 1, f"train.max_nonfinite must be at least 1, got {self.max_nonfinite}")
         check(self.eval_k >= 0, f"train.eval_k must be >= 0, got {self.eval_k}")
-        check(self.samples >= 1, f"train.samples must be at least 1, got {self.samples}")
+        check(1 <= self.samples <= 1024, f"train.samples must lie in 1..1024, got {self.samples}")
         check(self.samples_every >= 1, f"train.samples_every must be at least 1, got {self.samples_every}")
         check(self.patience >= 0, f"train.patience must be >= 0 epochs (0 = off), got {self.patience}")
         check(self.time_limit >= 0, f"train.time_limit must be >= 0 minutes (0 = none), got {self.time_limit}")

@@ -91,6 +91,14 @@ def test_srnn_quick_trains_with_each_objective_and_writes_midi(tmp_path, data_di
         (["eval", "nowhere", "--device", "bogus"], "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
         (["train", "srnn", "--train.tbptt=10"], "its posterior reads the whole sequence"),
         (["train", "vrnn", "--model.posterior=filtering"], "unknown config key 'model.posterior'"),
+        (["train", "draw", "--name", "../../escape"], "run name '../../escape' must be 1-100 ASCII letters"),
+        (["train", "draw", "--name", "/tmp/elsewhere"], "must be 1-100 ASCII letters"),
+        (["train", "draw", "--name", "x" * 300], "must be 1-100 ASCII letters"),
+        (["train", "draw", "--resume", "--name", "../up"], "must be 1-100 ASCII letters"),
+        (["train", "draw", "--train.epochs=1000000000"], "train.epochs must lie in 1..100000"),
+        (["viz", "nowhere", "--what", "latents", "--out", "x.png", "--n", "100000"], "--n must lie in 1..64"),
+        (["viz", "nowhere", "--what", "canvas", "--out", "x.png", "--steps", "-3"], "--steps must lie in 1..1000"),
+        (["sample", "nowhere", "--n", "0"], "--n must lie in 1..4096"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(tmp_path, data_dir, args, message):
