@@ -78,6 +78,9 @@ def cmd_train(args, extra: list[str]) -> int:
         config = build_config(args.kind, args.preset, overrides, args.data, args.data_dir)
         name = args.name or f"{args.kind}-{config.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = run_folder(args.runs_dir, name)
+    if args.dry_run:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
     init_from_env(use_cuda=config.train.device != "cpu")
     trainer = Trainer(config, run_dir, resume=args.resume, log=_log)
     trainer.fit()
@@ -245,7 +248,10 @@ def _parser() -> argparse.ArgumentParser:
 
     presets = "; ".join(f"{name}: {', '.join(spec.presets) or '(none)'}" for name, spec in MODELS.items())
     splits = sorted({split for spec in DATASETS.values() for split in spec.splits})
-    p = argparse.ArgumentParser(prog="seqvae", description="Recurrent latent-variable generative models: DRAW and variational RNNs.")
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="seqvae", description="Recurrent latent-variable generative models: DRAW, variational RNNs, SRNN.")
+    p.add_argument("--version", action="version", version=f"seqvae {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model", description="Train a registered model. Extra arguments --section.key=value override the config.")
@@ -256,6 +262,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
     t.add_argument("--data-dir", help="data root (default: $SEQVAE_DATA, else data/)")
     t.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit without training")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="estimate the test log-likelihood of a trained run")

@@ -65,11 +65,24 @@ class DataError(Exception):
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder data sets are read from: data_dir, else $SEQVAE_DATA, else ./data."""
+    """The folder data sets are read from: data_dir, else $SEQVAE_DATA, else ./data.
+
+    A relative $SEQVAE_DATA that does not exist from the working directory is looked up from
+    the repository root of a source checkout (the folder above the package), so that the
+    README's `SEQVAE_DATA=../shared/data`, set at the root, also works from `notebooks/`.
+    """
     if data_dir:
         return Path(data_dir).expanduser()
     env = os.environ.get("SEQVAE_DATA")
-    return Path(env).expanduser() if env else Path("data")
+    if not env:
+        return Path("data")
+    path = Path(env).expanduser()
+    if not path.is_absolute() and not path.exists():
+        from_root = Path(__file__).resolve().parents[1] / path
+        if from_root.exists():
+            return from_root
+    return path
+
 
 # ---------------------------------------------------------------------------- files
 

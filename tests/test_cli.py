@@ -124,3 +124,24 @@ def test_missing_data_offline_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "binarized_mnist_train.amat" in result.stderr and str(empty.resolve()) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_version_and_dry_run(tmp_path, data_dir):
+    import seqvae as package
+
+    assert seqvae("--version", cwd=tmp_path, data_dir=data_dir).stdout.strip() == f"seqvae {package.__version__}"
+    out = seqvae("train", "srnn", "--preset", "quick", "--dry-run", "--train.lr=0.01", cwd=tmp_path, data_dir=data_dir).stdout
+    config = json.loads(out)
+    assert config["model_kind"] == "srnn" and config["model"]["x_dim"] == 88 and config["train"]["lr"] == 0.01
+    assert config["data"]["name"] == "jsb_chorales" and not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_a_relative_data_root_is_found_from_the_repository_root(tmp_path, monkeypatch):
+    from seqvae.datafiles import data_root
+
+    inside = REPO / "data"  # exists in a checkout (git-ignored, holds only a README)
+    monkeypatch.chdir(tmp_path)  # a relative path that does not exist from here
+    monkeypatch.setenv("SEQVAE_DATA", "data")
+    assert data_root() == inside
+    monkeypatch.setenv("SEQVAE_DATA", "no-such-folder")
+    assert data_root() == Path("no-such-folder")  # left as given: the error will name it
