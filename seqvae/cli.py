@@ -313,13 +313,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .train import TrainingError
+    from .train import TrainingError, TrainingInterrupted
     from .views import ViewError
 
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     try:
         return args.func(args, extra)
+    except TrainingInterrupted as err:
+        print(f"seqvae: {err}", file=sys.stderr)
+        return 128 + err.signal_number
     except (CLIError, ConfigError, DataError, CheckpointError, TrainingError, ViewError, ValueError, ImportError) as err:
         message = str(err).strip() or type(err).__name__
         print(f"seqvae: error: {message}", file=sys.stderr)

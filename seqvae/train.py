@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +52,21 @@ from .sequences import mask_from_lengths
 from .views import sample_figure
 from . import viz
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "resolve_device"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "TrainingInterrupted", "resolve_device"]
 
 AMP = ("none", "bf16", "fp16")
 
 
 class TrainingError(Exception):
     """A run that cannot start or continue (the message says why)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM or SIGINT stopped the run after a step; a checkpoint was written first."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 @dataclass
@@ -157,7 +167,13 @@ class Trainer:
         self.local_batch = config.data.batch_size // self.world
 
         checkpoint = self.run_dir / "checkpoint.pt"
-        if resume:
+        unstarted = resume and not checkpoint.exists() and (self.run_dir / "config.json").exists()
+        if unstarted:  # stopped before its first checkpoint: nothing to continue, so start it afresh
+            if self.main:
+                self.log(f"{self.run_dir} has no checkpoint yet (it stopped before its first one): starting the run from its beginning")
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            resume = False
+        elif resume:
             if not checkpoint.exists():
                 raise TrainingError(f"cannot resume: {checkpoint} does not exist")
         elif self.main and self.run_dir.exists() and any(self.run_dir.iterdir()):
@@ -193,6 +209,7 @@ class Trainer:
         self.best, self.best_epoch = -math.inf, 0
         self.nonfinite_in_row, self.nonfinite_total = 0, 0
         self.running: list[float] = []  # training losses since the last metrics record
+        self.stop_signal: int | None = None  # SIGTERM / SIGINT received: stop after the current step
         self.batches_per_epoch = num_batches(len(self.train_data), config.data.batch_size, 1)
         if resume:
             self._restore(load_checkpoint(checkpoint, map_location="cpu"))
@@ -397,9 +414,47 @@ class Trainer:
                 f"device {self.device}" + (f", {self.world} processes" if self.world > 1 else "")
             )
         self.model.train()
+        previous = self._catch_signals()
+        try:
+            return self._fit()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _catch_signals(self) -> dict:
+        """SIGTERM and SIGINT set a flag that the loop reads after each step (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(number, frame):
+            if self.stop_signal is not None and number == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step
+            self.stop_signal = number
+
+        return {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def _stop_if_asked(self) -> None:
+        """After a step: if a stop was requested (on any rank), checkpoint and raise TrainingInterrupted."""
+        asked = float(self.stop_signal is not None)
+        if self.world > 1:
+            (asked,) = all_sum([asked], self.device)  # every rank stops at the same step
+        if not asked:
+            return
+        self.save()
+        number = self.stop_signal or signal.SIGTERM
+        name = signal.Signals(number).name
+        raise TrainingInterrupted(
+            f"stopped by {name} after step {self.step} (epoch {self.epoch + 1}, batch {self.position}); the checkpoint "
+            f"{self.run_dir / 'checkpoint.pt'} holds it: continue with --resume (exit status {128 + number})",
+            number,
+        )
+
+    def _fit(self) -> dict[str, float]:
+        tc = self.config.train
         last = {}
         started, longest = time.time(), 0.0
         while self.epoch < tc.epochs:
+            self._stop_if_asked()
             if tc.time_limit and time.time() - started + longest > tc.time_limit * 60:
                 if self.main:
                     self.log(f"stopping after {self.epoch} epochs: another would pass train.time_limit={tc.time_limit:g} minutes")
@@ -442,6 +497,8 @@ class Trainer:
                 self.running = []
             if tc.checkpoint_every and self.position % tc.checkpoint_every == 0 and self.position < self.batches_per_epoch:
                 self.save()
+            if self.position < self.batches_per_epoch:
+                self._stop_if_asked()  # (at an epoch's end the epoch is finished and checkpointed first)
         bar.close()
         self.epoch += 1
         self.position = 0

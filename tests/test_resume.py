@@ -69,6 +69,48 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, da
     assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_checkpoints_the_step_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, sig):
+    args = [a for a in COMMON if not a.startswith("--train.checkpoint_every")]  # no periodic checkpoints: only the signal's
+    subprocess.run([sys.executable, "-m", "seqvae", *args, "--name", "whole"], cwd=tmp_path, env=env(data_dir), check=True, capture_output=True, timeout=600)
+    run = tmp_path / "runs" / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "seqvae", *args, "--name", "stopped"], cwd=tmp_path, env=env(data_dir),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, sent = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if l.strip().endswith("}")] if metrics.exists() else []
+        if steps and steps[-1] >= 12:  # mid-epoch 1 (40 batches per epoch), before any checkpoint
+            proc.send_signal(sig)
+            sent = steps[-1]
+            break
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    assert sent is not None, "the run finished before the signal"
+    assert proc.returncode == 128 + sig, err
+    assert f"stopped by {signal.Signals(sig).name} after step" in err and "--resume" in err and "Traceback" not in err
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 0 and saved["position"] == saved["step"] >= sent  # the step in progress was finished
+    subprocess.run([sys.executable, "-m", "seqvae", "train", "draw", "--name", "stopped", "--resume"], cwd=tmp_path, env=env(data_dir), check=True, capture_output=True, timeout=600)
+    whole, resumed = train_records(tmp_path / "runs" / "whole"), train_records(run)
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole]
+    final_whole, final_resumed = params(tmp_path / "runs" / "whole"), params(run)
+    assert all(torch.equal(final_whole[k], final_resumed[k]) for k in final_whole)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(tmp_path, data_dir):
+    cfg = build_config("rnn", "quick", ["data.limit=16", "data.valid_limit=4", "train.epochs=1", "train.progress=false"], "jsb_chorales", str(data_dir))
+    Trainer(cfg, tmp_path / "r", log=lambda m: None)  # writes config.json, then (say) the process died
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n')  # a record of the dead run
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    log = []
+    trainer = Trainer(cfg, tmp_path / "r", resume=True, log=log.append)
+    trainer.fit()
+    assert any("starting the run from its beginning" in m for m in log) and trainer.epoch == 1
+    records = train_records(tmp_path / "r")
+    assert records[0].get("loss") != 9.0  # the dead run's records are gone
+
+
 def test_checkpoint_holds_everything_needed_to_continue(tmp_path, data_dir):
     cfg = build_config("vrnn", "quick", ["data.limit=32", "data.valid_limit=8", "train.epochs=1", "objective.kl_warmup=100", "train.progress=false"], "jsb_chorales", str(data_dir))
     Trainer(cfg, tmp_path / "r", log=lambda m: None).fit()
