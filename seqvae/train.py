@@ -287,6 +287,9 @@ class Trainer:
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:  # JSON has no NaN: such values are written as null and named
+            record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -471,6 +474,14 @@ class Trainer:
                     if self.epoch % tc.samples_every:
                         self._samples()
                 break
+        diverged = [k for k, v in last.items() if k.startswith("valid_") and not math.isfinite(v)]
+        if self.step == 0 or diverged:
+            what = "no optimiser step had a finite loss and gradient" if self.step == 0 else \
+                f"training diverged: the validation bound is not finite after epoch {self.epoch} ({', '.join(diverged)})"
+            raise TrainingError(
+                f"{what} ({self.nonfinite_total} non-finite steps skipped); the checkpoints in {self.run_dir} are kept, "
+                "but they hold no usable model; try a lower train.lr, gradient clipping (train.clip_grad) or check the data"
+            )
         return last
 
     def _epoch(self) -> dict[str, float]:
@@ -516,6 +527,7 @@ class Trainer:
             self._samples()
         self.save()
         if self.main:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("valid_"))
+            shown = ", ".join(f"{k} {v:.4f}" + ("" if math.isfinite(v) else " (not finite)")
+                              for k, v in metrics.items() if k.startswith("valid_"))
             self.log(f"epoch {self.epoch}/{tc.epochs}: {shown} ({metrics['seconds']:.0f}s)")
         return metrics

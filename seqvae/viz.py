@@ -408,7 +408,8 @@ def training_curves(records, *, title: str | None = None):
     per_step = [k for k in keys if k.endswith("_per_step")]
     shown = per_step or keys
     for k in shown:
-        ax_v.plot([r["epoch"] for r in valid], [r[k] for r in valid], marker="o", markersize=3, linewidth=1, label=k.replace("valid_", ""))
+        values = [math.nan if r.get(k) is None else r[k] for r in valid]  # null: not finite (a gap)
+        ax_v.plot([r["epoch"] for r in valid], values, marker="o", markersize=3, linewidth=1, label=k.replace("valid_", ""))
     ax_v.set_xlabel("epoch", fontsize=8)
     from matplotlib.ticker import MaxNLocator
 

@@ -70,3 +70,18 @@ def test_gradients_are_clipped_before_the_optimiser_step(tmp_path, data_dir, mon
 def test_model_and_data_must_match(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="model.x_dim=30 but jsb_chorales has 88"):
         vrnn_config(data_dir, "model.x_dim=30")
+
+
+def test_a_diverged_run_is_an_error_and_its_metrics_say_so(tmp_path, data_dir):
+    """A huge learning rate: the distributions take NaN parameters without a ValueError dump,
+    the steps are skipped as non-finite, NaN is written as null with a note, and the run ends
+    with an error instead of exit status 0."""
+    import json
+
+    cfg = vrnn_config(data_dir, "train.epochs=2", "train.lr=1e6", "train.clip_grad=0")
+    trainer = T.Trainer(cfg, tmp_path / "r", log=lambda m: None)
+    with pytest.raises(T.TrainingError, match="training diverged: the validation bound is not finite"):
+        trainer.fit()
+    assert trainer.nonfinite_total > 0
+    valid = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"valid"' in line]
+    assert valid[-1]["valid_elbo"] is None and "valid_elbo" in valid[-1]["nonfinite"]
