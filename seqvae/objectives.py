@@ -153,6 +153,14 @@ def get_objective(name: str) -> ObjectiveSpec:
     return OBJECTIVES[name]
 
 
+def _check_model_fits(spec: ObjectiveSpec, model) -> None:
+    if spec.stepwise and not getattr(model, "sequential", False):
+        raise ValueError(
+            f"{spec.name.upper()} needs a sequence model that scores x step by step; {type(model).__name__} "
+            "scores the whole input from its final state (use elbo or iwae)"
+        )
+
+
 def bound(
     model,
     x: Tensor,
@@ -178,13 +186,9 @@ def bound(
         raise ValueError(f"the {name.upper()} uses one sample per example; for k > 1 use iwae or fivo")
     if free_bits and name != "elbo":
         raise ValueError("free bits apply to the ELBO's analytic KL term only")
+    _check_model_fits(spec, model)
     sequential = getattr(model, "sequential", False)
     if not sequential:
-        if spec.stepwise:
-            raise ValueError(
-                f"{name.upper()} needs a sequence model that scores x step by step; {type(model).__name__} "
-                "scores the whole image from its final canvas (use elbo or iwae)"
-            )
         if carry is not None or mask is not None:
             raise ValueError(f"{type(model).__name__} scores whole images: masks and carries do not apply")
     elif carry is not None and carry.state is not None and not getattr(model, "continues_chunks", True):
@@ -297,8 +301,7 @@ def fivo_bound(
     _check_k(k)
     if not 0 <= resample_threshold <= 1:
         raise ValueError(f"resample_threshold must lie in [0, 1], got {resample_threshold}")
-    if not getattr(model, "sequential", False):
-        bound(model, x, name="fivo", k=k)  # raises the error that explains why
+    _check_model_fits(OBJECTIVES["fivo"], model)  # before the data checks: the clearer message
     return bound(
         model, x, name="fivo", k=k, mask=_prepare(model, x, lengths, mask), resample_threshold=resample_threshold
     )[0]

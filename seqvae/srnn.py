@@ -39,8 +39,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .cells import CellState, make_cell
-from .configs import check, configure
-from .distributions import make_head
+from .configs import check
 from .nets import GaussianNet, MLPHead
 from .recurrent import reverse_by_length, scan
 from .terms import Terms, diagonal_normal
@@ -126,11 +125,10 @@ class SRNN(SequenceModel):
 
     def __init__(self, config: SRNNConfig | None = None, /, **options):
         super().__init__()
-        self.config = cfg = configure(SRNNConfig, config, options)
-        f, d, z = cfg.feature_size or cfg.hidden_size, cfg.hidden_size, cfg.z_size
+        f, d = self._configure(SRNNConfig, config, options)
+        cfg, z = self.config, self.config.z_size
         self.z_size = z
         self.continues_chunks = cfg.continues_chunks
-        self.head = make_head(cfg.output, components=cfg.components, min_scale=cfg.min_scale)
         self.d_cell = make_cell(cfg.cell, cfg.x_dim, d)  # d_t = f_d(d_{t-1}, x_{t-1})
         smoothing = cfg.posterior == "smoothing"
         self.a_cell = make_cell(cfg.cell, [d, cfg.x_dim], d) if smoothing else None  # a_t = g(a_{t+1}, [d_t, x_t])

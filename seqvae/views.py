@@ -82,8 +82,12 @@ def draw_view(what: str, model, spec, config, load_split, out: Path, *, n: int =
     With `midi` ("sequences" of piano-roll data), the reconstructions of the first n sequences
     (notes whose probability under the model exceeds 0.5) are also written as a MIDI file.
     """
-    if midi is not None and what != "sequences":
-        raise ViewError("--midi writes reconstructions of sequences: use it with --what sequences")
+    if midi is not None:
+        if what != "sequences":
+            raise ViewError("--midi writes reconstructions of sequences: use it with --what sequences")
+        from .data import dataset_info
+
+        _check_midi(dataset_info(config.data))  # before any work
     if what not in spec.views:
         offered = ", ".join([*spec.views, "curves"])
         raise ViewError(f"--what {what} is not a view of {spec.name} runs: it offers {offered}")
@@ -117,10 +121,8 @@ def draw_view(what: str, model, spec, config, load_split, out: Path, *, n: int =
                               mean_label=getattr(model, "reconstruction_label", "the model's output mean at each step"),
                               title=f"{spec.name} on {data_name}/{split}, sequence 0")
         if midi is not None:
-            from .data import dataset_info
             from .music import write_midi
 
-            _check_midi(dataset_info(config.data))
             write_midi([trace.mean[i, : int(n_i)].cpu() for i, n_i in enumerate(batch.lengths)], midi)
     else:  # latents
         from .diagnostics import latent_usage

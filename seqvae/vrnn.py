@@ -77,6 +77,7 @@ class VRNNConfig:
 
     def validate(self) -> "VRNNConfig":
         _check_common(self)
+        check(self.x_layers >= 1, f"model.x_layers must be at least 1, got {self.x_layers}")
         check(self.z_size >= 1, f"model.z_size must be at least 1, got {self.z_size}")
         check(self.prior in PRIORS, f"model.prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         check(self.z_layers >= 1, f"model.z_layers must be at least 1, got {self.z_layers}")
@@ -108,6 +109,7 @@ class RNNConfig:
 
     def validate(self) -> "RNNConfig":
         _check_common(self)
+        check(self.x_layers >= 1, f"model.x_layers must be at least 1, got {self.x_layers}")
         return self
 
     def fit_data(self, info) -> dict[str, Any]:
@@ -137,7 +139,6 @@ def _check_common(cfg) -> None:
     check(cfg.output in HEAD_NAMES, f"model.output must be one of {', '.join(HEAD_NAMES)}, got {cfg.output!r}")
     check(cfg.output != "strokes" or cfg.x_dim == 3, "model.output=strokes models (dx, dy, end-of-stroke): needs x_dim=3")
     check(cfg.feature_size is None or cfg.feature_size >= 1, f"model.feature_size must be at least 1, got {cfg.feature_size}")
-    check(getattr(cfg, "x_layers", 1) >= 1, f"model.x_layers must be at least 1, got {getattr(cfg, 'x_layers', 1)}")
     check(cfg.decoder_layers >= 1, f"model.decoder_layers must be at least 1, got {cfg.decoder_layers}")
     check(cfg.components >= 1, f"model.components must be at least 1, got {cfg.components}")
     check(cfg.min_scale > 0, f"model.min_scale must be positive, got {cfg.min_scale}")
@@ -202,6 +203,12 @@ class SequenceModel(RecurrentModel):
     def from_config(cls, config):
         return cls(config)
 
+    def _configure(self, config_cls: type, config, options: dict) -> tuple[int, int]:
+        """Set self.config (validated) and the output head; return (feature width f, hidden size d)."""
+        self.config = cfg = configure(config_cls, config, options)
+        self.head = make_head(cfg.output, components=cfg.components, min_scale=cfg.min_scale)
+        return cfg.feature_size or cfg.hidden_size, cfg.hidden_size
+
     def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
         check_sequences(x, self.config.x_dim, self.head, mask)
 
@@ -253,10 +260,9 @@ class VRNN(SequenceModel):
 
     def __init__(self, config: VRNNConfig | None = None, /, **options):
         super().__init__()
-        self.config = cfg = configure(VRNNConfig, config, options)
-        f, d = cfg.feature_size or cfg.hidden_size, cfg.hidden_size
+        f, d = self._configure(VRNNConfig, config, options)
+        cfg = self.config
         self.feature_size, self.z_size = f, cfg.z_size
-        self.head = make_head(cfg.output, components=cfg.components, min_scale=cfg.min_scale)
         self.phi_x = MLP([cfg.x_dim] + [f] * cfg.x_layers)  # phi^x
         self.phi_z = MLP([cfg.z_size] + [f] * cfg.z_layers)  # phi^z
         self.posterior_net = GaussianNet([f, d], [f] * cfg.posterior_layers, cfg.z_size)  # q(z_t | x_t, h_{t-1})
@@ -314,10 +320,9 @@ class RNN(SequenceModel):
 
     def __init__(self, config: RNNConfig | None = None, /, **options):
         super().__init__()
-        self.config = cfg = configure(RNNConfig, config, options)
-        f, d = cfg.feature_size or cfg.hidden_size, cfg.hidden_size
+        f, d = self._configure(RNNConfig, config, options)
+        cfg = self.config
         self.feature_size = f
-        self.head = make_head(cfg.output, components=cfg.components, min_scale=cfg.min_scale)
         self.phi_x = MLP([cfg.x_dim] + [f] * cfg.x_layers)
         self.decoder = MLPHead([d], [f] * cfg.decoder_layers + [self.head.num_params(cfg.x_dim)])  # p(x_t | h_{t-1})
         self.cell = make_cell(cfg.cell, f, d)  # h_t = f(phi_x(x_t), h_{t-1})
