@@ -9,6 +9,11 @@ A checkpoint also holds every random generator's state (`rng_state` / `set_rng_s
 Python, NumPy, torch on the CPU and on every GPU), as tensors and plain values, so that a
 resumed run draws the same numbers as one that never stopped.
 
+Reading is bounded: before anything is unpickled, the file's size (at most `max_bytes`,
+default MAX_CHECKPOINT_BYTES) and its zip directory are checked (torch.save's format: every
+entry stored uncompressed, the pickle of plain values at most MAX_PICKLE_BYTES), so a file
+crafted to allocate gigabytes is refused after reading its directory only.
+
 Writing: to a temporary file in the same folder, flushed and fsync'ed, then renamed over
 the old file with os.replace (atomic on POSIX), then the folder is fsync'ed. A kill or a
 full disk during the write leaves the previous checkpoint as it was.
@@ -21,14 +26,19 @@ import os
 import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "atomic_write_bytes", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
+__all__ = ["CheckpointError", "MAX_CHECKPOINT_BYTES", "atomic_write_bytes", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
            "seed_everything"]
+
+
+MAX_CHECKPOINT_BYTES = 2 << 30  # 2 GiB: a paper-sized DRAW with its Adam state is about 25 MB
+MAX_PICKLE_BYTES = 16 << 20  # the pickled structure (names, numbers, config) of a checkpoint, tensors apart
 
 
 class CheckpointError(Exception):
@@ -73,11 +83,32 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only=True) onto map_location (CPU by default)."""
+def _check_layout(path: Path, max_bytes: int) -> None:
+    """Refuse, before unpickling, a file too large or not laid out as torch.save writes."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(f"{path} holds {size:,} bytes, more than the {max_bytes:,} a checkpoint may have; refused unread")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is truncated or corrupt, or not a checkpoint (expected the zip file torch.save writes: {err})") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > size:
+            raise CheckpointError(f"{path} is not a seqvae checkpoint: its entry {entry.filename!r} is compressed, which "
+                                  "torch.save never does; refused unread")
+        if entry.filename.endswith(".pkl") and entry.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{path} carries {entry.file_size:,} bytes of pickled values (at most {MAX_PICKLE_BYTES:,} "
+                                  "expected besides its tensors); refused unread")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    max_bytes: int = MAX_CHECKPOINT_BYTES) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True, sizes checked first) onto map_location."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}" if not path.exists() else f"{path} is not a checkpoint file")
+    _check_layout(path, max_bytes)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

@@ -93,6 +93,7 @@ class _Remote:
     name: str  # the canonical file name (as downloaded)
     url: str
     digest: str  # hex digest of the *uncompressed* content (md5), or of the file (sha256)
+    size: int  # bytes of the uncompressed content: reading stops (and refuses) beyond it
     algorithm: str = "md5"
     accept_gz: bool = False  # also accept NAME.gz (a gzipped copy of the canonical file)
 
@@ -106,14 +107,14 @@ _MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _JSB = "http://www-etud.iro.umontreal.ca/~boulanni/JSB%20Chorales.pickle"
 
 FILES = {
-    ("binarized_mnist", "train"): _Remote("binarized_mnist", "binarized_mnist_train.amat", _LAROCHELLE + "binarized_mnist_train.amat", "db28b1a6ae0fe70cbd3da91acf46e477", accept_gz=True),
-    ("binarized_mnist", "valid"): _Remote("binarized_mnist", "binarized_mnist_valid.amat", _LAROCHELLE + "binarized_mnist_valid.amat", "bf37822a04e94123630de6a7dfd9c9ef", accept_gz=True),
-    ("binarized_mnist", "test"): _Remote("binarized_mnist", "binarized_mnist_test.amat", _LAROCHELLE + "binarized_mnist_test.amat", "14e41ae11040adba6ab8cb291eda0dd8", accept_gz=True),
-    ("mnist", "train-images"): _Remote("mnist", "train-images-idx3-ubyte.gz", _MNIST + "train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb"),
-    ("mnist", "train-labels"): _Remote("mnist", "train-labels-idx1-ubyte.gz", _MNIST + "train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624"),
-    ("mnist", "test-images"): _Remote("mnist", "t10k-images-idx3-ubyte.gz", _MNIST + "t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea"),
-    ("mnist", "test-labels"): _Remote("mnist", "t10k-labels-idx1-ubyte.gz", _MNIST + "t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637"),
-    ("jsb_chorales", "all"): _Remote("polyphonic", "jsb_chorales.pickle", _JSB, "69dc4c3e52800959ac0ab3b82aa3e5f55285ce64f1705acb3e3a8ef77a5c051c", algorithm="sha256"),
+    ("binarized_mnist", "train"): _Remote("binarized_mnist", "binarized_mnist_train.amat", _LAROCHELLE + "binarized_mnist_train.amat", "db28b1a6ae0fe70cbd3da91acf46e477", 78_400_000, accept_gz=True),
+    ("binarized_mnist", "valid"): _Remote("binarized_mnist", "binarized_mnist_valid.amat", _LAROCHELLE + "binarized_mnist_valid.amat", "bf37822a04e94123630de6a7dfd9c9ef", 15_680_000, accept_gz=True),
+    ("binarized_mnist", "test"): _Remote("binarized_mnist", "binarized_mnist_test.amat", _LAROCHELLE + "binarized_mnist_test.amat", "14e41ae11040adba6ab8cb291eda0dd8", 15_680_000, accept_gz=True),
+    ("mnist", "train-images"): _Remote("mnist", "train-images-idx3-ubyte.gz", _MNIST + "train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb", 47_040_016),
+    ("mnist", "train-labels"): _Remote("mnist", "train-labels-idx1-ubyte.gz", _MNIST + "train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624", 60_008),
+    ("mnist", "test-images"): _Remote("mnist", "t10k-images-idx3-ubyte.gz", _MNIST + "t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea", 7_840_016),
+    ("mnist", "test-labels"): _Remote("mnist", "t10k-labels-idx1-ubyte.gz", _MNIST + "t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637", 10_008),
+    ("jsb_chorales", "all"): _Remote("polyphonic", "jsb_chorales.pickle", _JSB, "69dc4c3e52800959ac0ab3b82aa3e5f55285ce64f1705acb3e3a8ef77a5c051c", 2_051_809, algorithm="sha256"),
 }
 
 
@@ -133,16 +134,32 @@ def _missing_error(root: Path, specs: list[_Remote], why: str) -> DataError:
     )
 
 
-def _decompress(path: Path, raw: bytes) -> bytes:
+def _decompress(path: Path, raw: bytes, limit: int) -> bytes:
+    """gunzip raw, streaming, and refuse as soon as the output would pass `limit` bytes (a
+    gzip bomb costs at most `limit` bytes of memory, not what it would inflate to)."""
+    out, total, data = [], 0, raw
     try:
-        return gzip.decompress(raw)
+        while data:  # one gzip member per pass (a file may hold several)
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            while not inflater.eof:
+                chunk = inflater.decompress(data, 1 << 20)
+                data = inflater.unconsumed_tail
+                total += len(chunk)
+                if total > limit:
+                    raise DataError(f"{path} inflates to more than the expected {limit:,} bytes: it is not the published file; "
+                                    "delete it and download it again")
+                if not chunk and not data and not inflater.eof:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                out.append(chunk)
+            data = inflater.unused_data.lstrip(b"\0")  # (gzip pads some files with zeros after the last member)
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path} is corrupt or truncated ({err}); delete it and download it again") from None
+    return b"".join(out)
 
 
 def _verified(raw: bytes, gzipped: bool, spec: _Remote, where: Path) -> bytes:
     """The (uncompressed) content of a file's bytes, after checking the published checksum."""
-    content = _decompress(where, raw) if gzipped else raw
+    content = _decompress(where, raw, spec.size) if gzipped else raw
     checked = raw if spec.algorithm == "sha256" else content
     digest = hashlib.new(spec.algorithm, checked).hexdigest()
     if digest != spec.digest:
@@ -154,8 +171,18 @@ def _verified(raw: bytes, gzipped: bool, spec: _Remote, where: Path) -> bytes:
     return content
 
 
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """A file's bytes, refused before reading when it is larger than `limit`."""
+    size = path.stat().st_size
+    if size > limit:
+        raise DataError(f"{path} holds {size:,} bytes where at most {limit:,} are expected: it is not the published file; "
+                        "delete it and download it again")
+    return path.read_bytes()
+
+
 def _read_verified(path: Path, spec: _Remote) -> bytes:
-    return _verified(path.read_bytes(), path.suffix == ".gz", spec, path)
+    # a gzipped copy is never larger than its content plus gzip's few bytes per 32 KB block
+    return _verified(_read_bounded(path, spec.size + spec.size // 1000 + 4096), path.suffix == ".gz", spec, path)
 
 
 def _download(spec: _Remote, dest: Path) -> None:
@@ -164,8 +191,12 @@ def _download(spec: _Remote, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         os.fchmod(fd, 0o644)
+        limit, received = spec.size + spec.size // 1000 + 4096, 0
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=60) as response:
             while chunk := response.read(1 << 20):
+                received += len(chunk)
+                if received > limit:
+                    raise DataError(f"{spec.url} sent more than the expected {limit:,} bytes: not the published file")
                 out.write(chunk)
         _verified(Path(tmp).read_bytes(), spec.gzipped, spec, Path(spec.url))
         os.replace(tmp, dest)

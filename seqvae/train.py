@@ -48,13 +48,23 @@ from .distributed import all_sum, rank_and_world
 from .evaluate import evaluate
 from .models import get_model
 from .objectives import bound
+from .runlock import LOCK_NAME, RunBusy, RunLock
 from .sequences import mask_from_lengths
 from .views import sample_figure
 from . import viz
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "TrainingInterrupted", "resolve_device"]
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "TrainingInterrupted", "resolve_device", "RESUMABLE"]
 
 AMP = ("none", "bf16", "fp16")
+
+# What --resume may change: how long and how fast to go on, where to run, what to log. The
+# rest (the model, the data and its batching, the objective, the optimiser, the seed, mixed
+# precision, TBPTT) fixes what the checkpoint holds and how it continues: refused on resume.
+RESUMABLE = frozenset({
+    "train.epochs", "train.lr", "train.lr_decay", "train.clip_grad", "train.patience", "train.time_limit",
+    "train.log_every", "train.checkpoint_every", "train.samples", "train.samples_every", "train.progress",
+    "train.threads", "train.device", "train.max_nonfinite", "train.eval_k", "data.data_dir", "data.download",
+})
 
 
 class TrainingError(Exception):
@@ -131,6 +141,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """{"train": {"lr": 0.1}, "model_kind": "draw"} -> {"train.lr": 0.1, "model_kind": "draw"}."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
 class _Bound(nn.Module):
     """The objective as a module, so that DistributedDataParallel sees a forward call."""
 
@@ -167,19 +188,36 @@ class Trainer:
         self.local_batch = config.data.batch_size // self.world
 
         checkpoint = self.run_dir / "checkpoint.pt"
-        unstarted = resume and not checkpoint.exists() and (self.run_dir / "config.json").exists()
+        if resume and not (self.run_dir / "config.json").exists() and not checkpoint.exists():
+            raise TrainingError(f"cannot resume: {self.run_dir} holds no run (no config.json, no checkpoint.pt)")
+        self._lock = RunLock(self.run_dir)
+        created, new_lock = not self.run_dir.exists(), not self._lock.path.exists()
+        self._take_lock()  # before looking at the folder: two trainers never both see it free
+        try:
+            self._setup(config, resume, checkpoint)
+        except BaseException:  # a run that could not start leaves the folder free and as it found it
+            self._lock.release()
+            if self.main and new_lock:
+                self._lock.path.unlink(missing_ok=True)
+                if created and not any(self.run_dir.iterdir()):
+                    self.run_dir.rmdir()
+            raise
+
+    def _setup(self, config, resume: bool, checkpoint: Path) -> None:
+        tc = config.train
+        unstarted = resume and not checkpoint.exists()
         if unstarted:  # stopped before its first checkpoint: nothing to continue, so start it afresh
             if self.main:
                 self.log(f"{self.run_dir} has no checkpoint yet (it stopped before its first one): starting the run from its beginning")
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             resume = False
-        elif resume:
-            if not checkpoint.exists():
-                raise TrainingError(f"cannot resume: {checkpoint} does not exist")
-        elif self.main and self.run_dir.exists() and any(self.run_dir.iterdir()):
+        elif not resume and self.main and any(p.name != LOCK_NAME for p in self.run_dir.iterdir()):
             raise TrainingError(
                 f"run folder {self.run_dir} already exists and is not empty; resume it with --resume or choose another --name"
             )
+        if self.main:
+            for orphan in self.run_dir.glob(".*.tmp"):  # left by a kill in the middle of a save
+                orphan.unlink(missing_ok=True)
 
         seed_everything(tc.seed + self.rank)  # each rank draws its own noise
         dc = config.data
@@ -212,10 +250,40 @@ class Trainer:
         self.stop_signal: int | None = None  # SIGTERM / SIGINT received: stop after the current step
         self.batches_per_epoch = num_batches(len(self.train_data), config.data.batch_size, 1)
         if resume:
-            self._restore(load_checkpoint(checkpoint, map_location="cpu"))
-        elif self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.run_dir / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+            changes = self._restore(load_checkpoint(checkpoint, map_location="cpu"))
+            if changes:  # the checkpoint, config.json and the history say the same from here on
+                self.save()
+            self._record_config("resume", changes)
+        else:
+            self._record_config("start", {})
+
+    def _take_lock(self) -> None:
+        """Rank 0 locks the run folder; every rank learns whether it could."""
+        busy = ""
+        if self.main:
+            try:
+                self._lock.acquire()
+            except RunBusy as err:
+                busy = str(err)
+        if self.world > 1:
+            (failed,) = all_sum([float(bool(busy))], self.device)
+            busy = busy or ("rank 0 could not lock the run folder; see its message" if failed else "")
+        if busy:
+            raise TrainingError(busy)
+
+    def _record_config(self, event: str, changes: dict[str, tuple[Any, Any]]) -> None:
+        """config.json (the config in force) and config_history.jsonl (one record per start or resume)."""
+        if not self.main:
+            return
+        atomic_write_bytes(self.run_dir / "config.json", (json.dumps(self.config.to_dict(), indent=2) + "\n").encode())
+        record = {"event": event, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": self.step, "epoch": self.epoch,
+                  "changed": {k: list(v) for k, v in changes.items()}}
+        with open(self.run_dir / "config_history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        """Let go of the run folder (fit() does this when it ends)."""
+        self._lock.release()
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -247,7 +315,21 @@ class Trainer:
         torch.distributed.all_gather_object(states, state)
         return states
 
-    def _restore(self, payload: dict[str, Any]) -> None:
+    def _restore(self, payload: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Load the checkpoint; returns the config changes made on resume (see RESUMABLE)."""
+        try:
+            saved = _flatten(json.loads(payload["config"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise TrainingError(f"the checkpoint in {self.run_dir} holds no readable config ({type(err).__name__}: {err})") from None
+        now = _flatten(self.config.to_dict())
+        changes = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+        refused = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in changes.items() if k not in RESUMABLE]
+        if refused:
+            raise TrainingError(
+                f"cannot resume {self.run_dir} with a different {', '.join(refused)}: the checkpoint was trained with the "
+                "old value(s); on resume only train.epochs, lr, lr_decay, clip_grad, patience, time_limit, the logging "
+                "and device settings and data.data_dir may change; start a new run (--name) to change the rest"
+            )
         try:
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
@@ -266,8 +348,17 @@ class Trainer:
                          "random generators start afresh (seed + rank), so the continuation will differ from an uninterrupted run")
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise TrainingError(f"the checkpoint in {self.run_dir} does not fit this run ({type(err).__name__}: {err})") from None
+        tc = self.config.train
+        if "train.lr" in changes:  # the new rate applies from here on; the per-epoch decay continues from it
+            for group in self.optimizer.param_groups:
+                group["lr"] = tc.lr
+        if "train.lr_decay" in changes:
+            self.scheduler.gamma = tc.lr_decay
         if self.main:
             self._truncate_metrics()
+            if changes:
+                self.log("resuming with " + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+        return changes
 
     def _truncate_metrics(self) -> None:
         """Drop metric records written after the checkpoint (a killed run wrote them)."""
@@ -408,6 +499,7 @@ class Trainer:
         tc = self.config.train
         if self.epoch >= tc.epochs:
             self.log(f"nothing to do: the run has finished {self.epoch} of train.epochs={tc.epochs} epochs")
+            self.close()
             return {}
         if self.main:
             n_params = sum(p.numel() for p in self.model.parameters())
@@ -417,12 +509,14 @@ class Trainer:
                 f"device {self.device}" + (f", {self.world} processes" if self.world > 1 else "")
             )
         self.model.train()
+        self._take_lock()
         previous = self._catch_signals()
         try:
             return self._fit()
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+            self.close()
 
     def _catch_signals(self) -> dict:
         """SIGTERM and SIGINT set a flag that the loop reads after each step (main thread only)."""
