@@ -76,6 +76,9 @@ def attention_params(raw: Tensor, height: int, width: int, n: int) -> AttentionP
     return AttentionParams(gx, gy, delta, log_sigma2.exp(), log_gamma.exp())
 
 
+_FAR = 1e15  # pixels: filter means are kept within +-_FAR (see filterbank)
+
+
 def filterbank(center: Tensor, delta: Tensor, sigma2: Tensor, n: int, size: int) -> Tensor:
     """The normalised Gaussian filterbank along one image axis (paper eqs 19-20, 25-26).
 
@@ -83,16 +86,24 @@ def filterbank(center: Tensor, delta: Tensor, sigma2: Tensor, n: int, size: int)
     a = 1..size is exp(-(a - mu_i)^2 / (2 sigma2)) normalised to sum to 1. The
     normalisation is a softmax over a: the largest term is subtracted before exponentiating,
     so the denominator is at least 1 and can never be zero, even for a filter that lies far
-    outside the image or has a vanishing variance.
+    outside the image or has a vanishing variance; sigma2 is floored at the dtype's smallest
+    normal number, so a variance that underflowed to 0 gives a one-hot filter, not NaN.
 
     center, delta, sigma2: (b,). Returns (b, n, size).
     """
     dtype, device = center.dtype, center.device
-    i = torch.arange(1, n + 1, dtype=dtype, device=device)  # (n,)
-    a = torch.arange(1, size + 1, dtype=dtype, device=device)  # (size,)
-    mu = center[:, None] + (i - n / 2 - 0.5) * delta[:, None]  # (b, n)
-    logits = -((a - mu[:, :, None]) ** 2) / (2 * sigma2[:, None, None])  # (b, n, size)
-    return logits.softmax(dim=-1)
+    work = torch.promote_types(dtype, torch.float32)  # half precision would overflow the squares below
+    center, delta, sigma2 = center.to(work), delta.to(work), sigma2.to(work)
+    i = torch.arange(1, n + 1, dtype=work, device=device)  # (n,)
+    a = torch.arange(1, size + 1, dtype=work, device=device)  # (size,)
+    # Means beyond +-1e15 pixels are moved to +-1e15: float32 cannot tell pixels apart that far
+    # out anyway (its spacing there is ~1e8), and the squares stay finite.
+    mu = (center[:, None] + (i - n / 2 - 0.5) * delta[:, None]).clamp(-_FAR, _FAR)  # (b, n)
+    sq = (a - mu[:, :, None]) ** 2  # (b, n, size)
+    sq = sq - sq.amin(dim=-1, keepdim=True)  # the nearest pixel's logit is exactly 0 (softmax is shift-invariant)
+    tiny = torch.finfo(sigma2.dtype).tiny  # exp(log sigma^2) underflows to 0 below -88.7 in float32
+    logits = -sq / (2 * sigma2.clamp_min(tiny)[:, None, None])  # finite or -inf, never 0/0
+    return logits.softmax(dim=-1).to(dtype)
 
 
 def glimpse(image: Tensor, fy: Tensor, fx: Tensor) -> Tensor:

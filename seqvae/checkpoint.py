@@ -48,8 +48,11 @@ class CheckpointError(Exception):
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write data to path so that readers see either the old file or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # read-only file system, no permission, no space for a new file
+        raise OSError(err.errno, f"cannot write {path} ({err.strerror}); nothing was changed") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
@@ -57,6 +60,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        raise OSError(err.errno, f"cannot write {path} ({err.strerror}); {kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -115,6 +115,15 @@ def _load(args):
     return run_dir, get_model(config.model_kind), config, model, payload, device
 
 
+def _check_fits(config, data) -> None:
+    """The split about to be scored fits the model (features, image shape, binary heads)."""
+    from .data import dataset_info
+
+    check_data = getattr(config.model, "check_data", None)
+    if check_data is not None:
+        check_data(dataset_info(config.data, data))
+
+
 def _split_loader(config, split: str, data_dir: str | None):
     from .data import load_dataset
 
@@ -142,6 +151,7 @@ def cmd_eval(args, extra: list[str]) -> int:
     torch.manual_seed(args.seed)
     dc = config.data
     data = _split_loader(config, args.split, args.data_dir)().subset(args.limit)
+    _check_fits(config, data)
     started = time.time()
     result = evaluate(model, data, name=args.bound, k=args.k, batch_size=args.batch_size, device=device)
     result.update(split=args.split, seconds=round(time.time() - started, 1), epoch=payload.get("epoch"), step=payload.get("step"))
@@ -151,7 +161,8 @@ def cmd_eval(args, extra: list[str]) -> int:
         lines.append(f"  log p(x) per sequence  {result['nats']:.3f} nats")
         lines.append(f"  log p(x) per time step {result['nats_per_step']:.4f} nats   ({result['steps']} steps)")
     else:
-        lines.append(f"  NLL {-result['nats']:.2f} nats   ({result['bits_per_dim']:.4f} bits/dim)")
+        bits = f"   ({result['bits_per_dim']:.4f} bits/dim)" if "bits_per_dim" in result else "   (a density: not a code length)"
+        lines.append(f"  NLL {-result['nats']:.2f} nats{bits}")
     if args.diagnostics and spec.latents:
         from .diagnostics import latent_usage
 
@@ -178,7 +189,11 @@ def _usage_lines(usage) -> str:
         head = (f"  active units: {usage.active_units} of {usage.active.numel()} (step, unit) pairs "
                 f"(Cov_x(E_q[u]) > {usage.threshold}); per glimpse step: {per_step}")
         kl = f"  KL: {usage.kl_total:.2f} nats per image; per step: " + " ".join(f"{v:.1f}" for v in usage.kl_per_step.tolist())
-    return head + "\n" + kl
+    undecided = int(usage.undecided.sum())
+    paths = (f"  from {usage.samples} posterior paths per example, path noise removed"
+             + (f"; {undecided} undecided (their path noise exceeds the threshold: use more paths)" if undecided else "")
+             if usage.samples > 1 else "  from 1 posterior path per example (path noise not removed)")
+    return head + "\n" + kl + "\n" + paths
 
 
 def cmd_viz(args, extra: list[str]) -> int:
@@ -330,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seqvae: interrupted (the last checkpoint is kept)", file=sys.stderr)
         return 130
+    except OSError as err:  # disk full, read-only, no permission: the file system's word, and which file
+        where = f": {err.filename}" if err.filename else ""
+        print(f"seqvae: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ __all__ = [
     "register_dataset",
     "get_dataset",
     "dataset_info",
+    "check_splits_agree",
+    "describe",
     "data_root",
     "load_dataset",
     "ImageData",
@@ -278,19 +280,37 @@ def load_dataset(
 
 
 def dataset_info(dc: DataConfig, data: "ImageData | SequenceData | None" = None) -> DataInfo:
-    """What a model needs to know of the data set dc names; the training split is read
-    only when the registry does not say (or to find a sequence length for figures)."""
+    """What a model needs to know of the data set dc names: from `data` (a loaded split) when
+    given, else from the registry, reading the training split only when the registry does not say."""
     spec = get_dataset(dc.name)
     shape, binary, length = spec.shape, spec.binary, spec.length
-    if shape is None or binary is None or (spec.kind == "sequences" and length is None and data is not None):
-        if data is None:
-            data = load_dataset(dc.name, "train", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download)
+    if data is None and (shape is None or binary is None):
+        data = load_dataset(dc.name, "train", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download)
+    if data is not None:
         shape = data.image_shape if data.kind == "images" else (data.x_dim,)
         binary = data.binary
         if data.kind == "sequences" and length is None:
             length = int(data.lengths.float().median())
     display = spec.display or ("piano" if binary else "lines")
     return DataInfo(dc.name, spec.kind, tuple(shape), bool(binary), display, length)
+
+
+def describe(data: "ImageData | SequenceData") -> DataInfo:
+    """A DataInfo from loaded data alone (for data that did not come through the registry)."""
+    shape = data.image_shape if data.kind == "images" else (data.x_dim,)
+    display = "images" if data.kind == "images" else ("piano" if data.binary else "lines")
+    return DataInfo(data.name, data.kind, tuple(shape), bool(data.binary), display)
+
+
+def check_splits_agree(first: "ImageData | SequenceData", second: "ImageData | SequenceData") -> None:
+    """Two splits of one data set hold examples of one shape (raises DataError naming both)."""
+    def shape(data):
+        return tuple(data.image_shape) if data.kind == "images" else (data.x_dim,)
+
+    if first.kind != second.kind or shape(first) != shape(second):
+        what = "features per step" if first.kind == "sequences" else "image shape (c, h, w)"
+        raise DataError(f"the splits disagree: {first.name} has {what} {shape(first)} but {second.name} has "
+                        f"{shape(second)}; every split of a data set needs the same")
 
 
 # ---------------------------------------------------------------------------- batches

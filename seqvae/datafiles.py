@@ -400,8 +400,8 @@ def read_sequences(path: str | os.PathLike, split: str) -> tuple[list[Tensor], b
         raise DataError(f"{where}: every sequence needs a positive length; {split}_lengths holds {lengths.min()}")
     if lengths.sum() != values.shape[0]:
         raise DataError(f"{where}: {split}_lengths add up to {lengths.sum()} but {split!r} has {values.shape[0]} steps")
-    if not np.issubdtype(values.dtype, np.number):
-        raise DataError(f"{where}: {split!r} must hold numbers, got dtype {values.dtype}")
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating) or values.dtype == np.bool_):
+        raise DataError(f"{where}: {split!r} must hold real numbers (integer, float or bool), got dtype {values.dtype}")
     tensor = torch.from_numpy(values.astype(np.float32))
     binary = bool(((tensor == 0) | (tensor == 1)).all())
     return list(torch.split(tensor, lengths.tolist())), binary

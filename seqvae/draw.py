@@ -96,6 +96,11 @@ class DrawConfig:
             tuple(self.image_shape) == tuple(info.shape),
             f"model.image_shape={tuple(self.image_shape)} but {info.name} images are {tuple(info.shape)}",
         )
+        check(
+            self.likelihood == "bernoulli" or not info.binary,
+            f"the {info.name} images are binary but model.likelihood={self.likelihood} is a density: on discrete data its "
+            "log-likelihood is not a code length (bits/dim could fall below 0); use model.likelihood=bernoulli",
+        )
 
 
 class DrawState(NamedTuple):

@@ -4,7 +4,9 @@ Dimensions: b batch, t time, k samples.
 
 Results are nats per example (`nats`); for sequences also nats per time step
 (`nats_per_step`: the sum over sequences divided by the number of real steps, as the music
-literature reports), for images bits per dimension. Under torch.distributed each rank scores
+literature reports), for images of discrete (binary) pixels bits per dimension: a code length,
+since the model's likelihood is checked to be discrete for them (a density on discrete data is
+refused). Under torch.distributed each rank scores
 every world_size-th batch and the sums are reduced across ranks.
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import describe
 from .distributed import all_sum, rank_and_world
 from .objectives import bound, importance_log_likelihood
 from .sequences import mask_from_lengths
@@ -36,6 +39,9 @@ def evaluate(
 ) -> dict[str, float]:
     """A registered bound ("elbo", "iwae", "fivo") or the log-likelihood estimate ("ll") over
     `data` (an ImageData or SequenceData, already validated by its loader)."""
+    check_data = getattr(getattr(model, "config", None), "check_data", None)
+    if check_data is not None:  # the data fit the model, and its likelihood is a code length for them
+        check_data(describe(data))
     rank, world = rank_and_world()
     model.eval()
     total, examples, steps = 0.0, 0, 0
@@ -58,7 +64,7 @@ def evaluate(
     if data.kind == "sequences":
         out["nats_per_step"] = total / steps
         out["steps"] = int(steps)
-    else:
+    elif data.binary:  # a code length only for discrete data (continuous heads on binary data are refused)
         dims = int(np.prod(data.image_shape))
         out["bits_per_dim"] = -total / examples / (dims * math.log(2))
     return out

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .configs import ConfigError, check
-from .data import batches, dataset_info, load_dataset, num_batches
+from .data import batches, check_splits_agree, dataset_info, load_dataset, num_batches
 from .distributed import all_sum, rank_and_world
 from .evaluate import evaluate
 from .models import get_model
@@ -223,11 +223,13 @@ class Trainer:
         dc = config.data
         self.train_data = load_dataset(dc.name, "train", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.limit)
         self.valid_data = load_dataset(dc.name, "valid", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download and self.main).subset(dc.valid_limit)
+        check_splits_agree(self.train_data, self.valid_data)  # found now, not after an epoch
         self.data_info = dataset_info(dc, self.train_data)
         check_data = getattr(config.model, "check_data", None)
         if check_data is not None:
             try:
                 check_data(self.data_info)
+                check_data(dataset_info(dc, self.valid_data))
             except ConfigError as err:
                 raise TrainingError(str(err)) from None
         self.model = get_model(config.model_kind).build(config.model)

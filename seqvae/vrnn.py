@@ -130,6 +130,11 @@ def _check_sequences_fit(cfg, info) -> None:
         cfg.output != "bernoulli" or info.binary,
         f"the {info.name} data are not binary but model.output=bernoulli; choose --model.output=gaussian or mixture",
     )
+    check(
+        cfg.output == "bernoulli" or not info.binary,
+        f"the {info.name} data are binary but model.output={cfg.output} is a density: on discrete data its log-likelihood "
+        "is not a code length (it can exceed 0); use model.output=bernoulli",
+    )
 
 
 def _check_common(cfg) -> None:

@@ -84,3 +84,30 @@ def test_prior_relative_criterion_ignores_units_that_only_follow_the_prior():
     usage = latent_usage(FollowsPrior(torch.eye(2), torch.ones(4), sequential=True), SequenceData(seqs, name="toy"))
     assert usage.active_units == 2  # Burda: the means vary with x
     assert usage.to_dict()["active_units_relative_to_prior"] == 0 and usage.kl_total == 0
+
+
+def test_path_noise_is_removed_so_a_unit_that_only_follows_the_sampled_path_is_not_active():
+    class PathDependent(LinearEncoder):
+        """The posterior mean carries noise from the sampled path: loc = A x + 0.3 eps, fresh eps per call.
+        Cov_x(E_q[u]) is Var(A x) exactly: 0.25 for unit 0, 0 for unit 1 (whose one-path variance is 0.09)."""
+
+        def terms(self, x, *, mask=None, state=None):
+            terms, _ = super().terms(x, mask=mask)
+            loc = terms.posterior.base_dist.loc + 0.3 * torch.randn_like(terms.posterior.base_dist.loc)
+            q = Independent(Normal(loc, torch.full_like(loc, 0.5)), 1)
+            return Terms(terms.log_px, q, terms.prior, terms.z, mask), None
+
+    torch.manual_seed(3)
+    images = (torch.rand(4000, 1, 1, 2) > 0.5).to(torch.uint8)
+    model = PathDependent(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.ones(1))
+    data = ImageData(images, binarize="fixed", name="toy")
+    one = latent_usage(model, data, batch_size=500, samples=1)
+    assert one.variance[0, 1] == pytest.approx(0.09, abs=0.01) and one.active_units == 2  # overcounted
+    usage = latent_usage(model, data, batch_size=500, samples=8)
+    assert usage.variance[0, 0] == pytest.approx(0.25, abs=0.01) and usage.variance[0, 1] == pytest.approx(0.0, abs=0.003)
+    assert usage.active_units == 1 and not usage.undecided.any()
+    assert usage.path_noise[0].tolist() == pytest.approx([0.09 / 8, 0.09 / 8], rel=0.1)
+    summary = usage.to_dict()
+    assert summary["posterior_paths"] == 8 and summary["undecided_units"] == 0 and summary["path_noise_corrected"]
+    close = latent_usage(model, data, batch_size=500, samples=8, threshold=0.25)  # unit 0 sits on the threshold
+    assert close.undecided.tolist() == [[True, False]] and close.to_dict()["undecided_units"] == 1
