@@ -146,9 +146,14 @@ def build_config(
     _check_pairing(config)
     fit = getattr(config.model, "fit_data", None)
     if fit is not None:
+        info = dataset_info(config.data)  # (reads the training split where the registry does not know its shape)
         user_keys = {o.split("=", 1)[0].strip().lstrip("-") for o in overrides}
-        decided = {k: v for k, v in fit(dataset_info(config.data)).items() if f"model.{k}" not in user_keys}
+        decided = {k: v for k, v in fit(info).items() if f"model.{k}" not in user_keys}
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, **decided))
+        config.model.validate()
+        check_data = getattr(config.model, "check_data", None)
+        if check_data is not None:
+            check_data(info)
     return config.validate()
 
 
