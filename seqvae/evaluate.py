@@ -36,9 +36,11 @@ def evaluate(
     batch_size: int = 100,
     device: torch.device | str = "cpu",
     max_rows: int = 8192,
+    progress: bool = False,
 ) -> dict[str, float]:
     """A registered bound ("elbo", "iwae", "fivo") or the log-likelihood estimate ("ll") over
-    `data` (an ImageData or SequenceData, already validated by its loader)."""
+    `data` (an ImageData or SequenceData, already validated by its loader). progress=True
+    shows a bar with the rate and the time left on a terminal (examples x samples scored)."""
     check_data = getattr(getattr(model, "config", None), "check_data", None)
     if check_data is not None:  # the data fit the model, and its likelihood is a code length for them
         check_data(describe(data))
@@ -46,19 +48,27 @@ def evaluate(
     model.eval()
     total, examples, steps = 0.0, 0, 0
     n = len(data)
-    for start in list(range(0, n, batch_size))[rank::world]:
+    starts = list(range(0, n, batch_size))[rank::world]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(min(batch_size, n - s) for s in starts) * k, unit="sample", unit_scale=True, leave=False,
+               desc=f"{name} k={k}", disable=None if progress and rank == 0 else True, dynamic_ncols=True)
+    for start in starts:
         index = torch.arange(start, min(start + batch_size, n))
         batch = data.batch(index, torch.Generator().manual_seed(start))  # fixed draws for dynamic binarization
         x = batch.x.to(device)
         lengths = None if batch.lengths is None else batch.lengths.to(device)
         mask = None if lengths is None else mask_from_lengths(lengths, x.shape[1])
         if name == "ll":
-            values = importance_log_likelihood(model, x, k=k, max_rows=max_rows, mask=mask)
+            values = importance_log_likelihood(model, x, k=k, max_rows=max_rows, mask=mask, progress=bar.update)
         else:
             values = bound(model, x, name=name, k=k, mask=mask)[0]
+            bar.update(x.shape[0] * k)
         total += float(values.double().sum())
         examples += x.shape[0]
         steps += int(lengths.sum()) if lengths is not None else 0
+        bar.set_postfix(nll=f"{-total / examples:.2f} nats" if lengths is None else f"{-total / steps:.3f} nats/step")
+    bar.close()
     total, examples, steps = all_sum([total, examples, steps], torch.device(device))
     out = {"bound": name, "k": k, "examples": int(examples), "nats": total / examples}
     if data.kind == "sequences":

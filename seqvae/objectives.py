@@ -331,8 +331,10 @@ def log_likelihood(
 
 
 @torch.no_grad()
-def importance_log_likelihood(model, x: Tensor, *, k: int, max_rows: int = 8192, mask: Tensor | None = None) -> Tensor:
-    """`log_likelihood` on data already validated (the evaluation loop's entry)."""
+def importance_log_likelihood(model, x: Tensor, *, k: int, max_rows: int = 8192, mask: Tensor | None = None,
+                              progress=None) -> Tensor:
+    """`log_likelihood` on data already validated (the evaluation loop's entry); `progress`,
+    if given, is called with the number of (example, sample) pairs scored after each chunk."""
     per_example = max(1, min(k, max_rows // max(1, x.shape[0])))
     batch = max(1, max_rows // per_example)
     out = []
@@ -346,6 +348,8 @@ def importance_log_likelihood(model, x: Tensor, *, k: int, max_rows: int = 8192,
             lse = torch.logsumexp(rearrange(terms.log_weight(), "(k b) -> k b", k=kc), dim=0)  # (b,)
             total = lse if total is None else torch.logaddexp(total, lse)
             done += kc
+            if progress is not None:
+                progress(kc * xb.shape[0])
         out.append(total - math.log(k))
     return torch.cat(out)
 

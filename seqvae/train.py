@@ -16,7 +16,9 @@ Losses: images, -(bound per image) averaged over the batch (nats per image); seq
 step). Under torch.distributed each rank's normaliser is the global count, so that the
 averaged gradients equal those of one process on the whole global batch.
 
-A run lives in runs/<name>/: config.json, metrics.jsonl (one JSON record per line),
+A run lives in runs/<name>/: config.json, config_history.jsonl (one record per start and
+resume), metrics.jsonl (one JSON record per line) and metrics.csv (the same as a table),
+tensorboard/ (event files, when the tensorboard package is installed),
 checkpoint.pt (everything needed to resume), best.pt (the model with the best validation
 bound), samples/epoch_NNN.png.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -46,6 +49,7 @@ from .configs import ConfigError, check
 from .data import batches, check_splits_agree, dataset_info, load_dataset, num_batches
 from .distributed import all_sum, rank_and_world
 from .evaluate import evaluate
+from .logs import RunLog
 from .models import get_model
 from .objectives import bound
 from .runlock import LOCK_NAME, RunBusy, RunLock
@@ -83,14 +87,14 @@ class TrainingInterrupted(TrainingError):
 class TrainConfig:
     """How to optimise."""
 
-    epochs: int = 10
+    epochs: int = 10  # passes over the training data (at most 100000)
     optimizer: str = "adam"  # adam | sgd (plain gradient descent, for checks that need a scale-sensitive step)
-    lr: float = 1e-3
+    lr: float = 1e-3  # learning rate
     lr_decay: float = 1.0  # multiply the learning rate by this after every epoch
     clip_grad: float = 10.0  # maximum global gradient norm; 0 = no clipping
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     amp: str = "none"  # mixed precision: none | bf16 | fp16 (fp16 on CUDA only)
-    seed: int = 0
+    seed: int = 0  # seed of every random generator (rank r uses seed + r)
     tbptt: int = 0  # sequences: chunk length L for truncated BPTT; 0 = whole sequences
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     progress: bool = True  # progress bar
@@ -205,11 +209,14 @@ class Trainer:
 
     def _setup(self, config, resume: bool, checkpoint: Path) -> None:
         tc = config.train
+        self.logs = RunLog(self.run_dir, self._valid_keys(config))
         unstarted = resume and not checkpoint.exists()
         if unstarted:  # stopped before its first checkpoint: nothing to continue, so start it afresh
             if self.main:
                 self.log(f"{self.run_dir} has no checkpoint yet (it stopped before its first one): starting the run from its beginning")
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                for name in ("metrics.jsonl", "metrics.csv"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
             resume = False
         elif not resume and self.main and any(p.name != LOCK_NAME for p in self.run_dir.iterdir()):
             raise TrainingError(
@@ -285,6 +292,9 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of the run folder (fit() does this when it ends)."""
+        logs = getattr(self, "logs", None)
+        if logs is not None:
+            logs.close()
         self._lock.release()
 
     def _state(self) -> dict[str, Any]:
@@ -364,27 +374,18 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drop metric records written after the checkpoint (a killed run wrote them)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if record.get("step", 0) <= self.step:
-                kept.append(line)
-        atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+        self.logs.truncate(self.step)
+
+    @staticmethod
+    def _valid_keys(config) -> list[str]:
+        """The validation metrics this run records (the columns of metrics.csv after COLUMNS)."""
+        sequences = getattr(get_model(config.model_kind).model, "sequential", True)
+        names = ["elbo"] + ([config.objective.name] if config.objective.name != "elbo" else [])
+        return [f"valid_{n}{suffix}" for n in names for suffix in ([""] + (["_per_step"] if sequences else []))]
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        if not self.main:
-            return
-        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-        if bad:  # JSON has no NaN: such values are written as null and named
-            record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.main:
+            self.logs.write(record)  # metrics.jsonl, metrics.csv, TensorBoard (see logs.py)
 
     def save(self) -> None:
         state = self._state()  # every rank takes part (the random states are gathered)
@@ -580,14 +581,22 @@ class Trainer:
             )
         return last
 
+    def _shown_loss(self, loss: float) -> str:
+        """The training loss as the progress bar shows it: nats per step, or nats and bits/dim per image."""
+        if self.data_info.kind == "sequences":
+            return f"loss {loss:.3f} nats/step"
+        dims = math.prod(self.data_info.shape)
+        return f"loss {loss:.2f} nats ({loss / (dims * math.log(2)):.4f} bits/dim)"
+
     def _epoch(self) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         tc = self.config.train
         started = time.time()
+        batch = self.config.data.batch_size
         bar = tqdm(
-            total=self.batches_per_epoch, initial=self.position, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
-            disable=None if (tc.progress and self.main) else True, leave=False, dynamic_ncols=True,
+            total=self.batches_per_epoch * batch, initial=self.position * batch, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
+            unit="ex", unit_scale=True, disable=None if (tc.progress and self.main) else True, leave=False, dynamic_ncols=True,
         )
         for position, batch in batches(
             self.train_data, self.local_batch, seed=tc.seed, epoch=self.epoch, start=self.position,
@@ -596,8 +605,8 @@ class Trainer:
             stats = self.train_batch(batch)
             self.position = position + 1
             self.running.append(stats["loss"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}")
+            bar.update(batch)
+            bar.set_postfix_str(self._shown_loss(stats["loss"]), refresh=False)
             if self.step % tc.log_every == 0:
                 finite = [v for v in self.running if math.isfinite(v)]
                 self._write_metrics({"kind": "train", "epoch": self.epoch, "step": self.step, "loss": float(np.mean(finite)) if finite else None, "grad_norm": stats["grad_norm"], "beta": self.config.objective.beta(self.step), "lr": self.optimizer.param_groups[0]["lr"], "nonfinite_total": self.nonfinite_total})

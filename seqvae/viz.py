@@ -402,6 +402,9 @@ def training_curves(records, *, title: str | None = None):
     if train:
         ax_t.plot([r["step"] for r in train], [r["loss"] for r in train], color="#2b6cb0", linewidth=1)
     ax_t.set_xlabel("optimiser step", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax_t.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_t.set_ylabel("training loss (negative bound)", fontsize=8)
     ax_t.set_title("training", fontsize=9)
     keys = sorted({k for r in valid for k in r if k.startswith("valid_")})
@@ -411,8 +414,6 @@ def training_curves(records, *, title: str | None = None):
         values = [math.nan if r.get(k) is None else r[k] for r in valid]  # null: not finite (a gap)
         ax_v.plot([r["epoch"] for r in valid], values, marker="o", markersize=3, linewidth=1, label=k.replace("valid_", ""))
     ax_v.set_xlabel("epoch", fontsize=8)
-    from matplotlib.ticker import MaxNLocator
-
     ax_v.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_v.set_ylabel("nats per time step" if per_step else "nats per example", fontsize=8)
     ax_v.set_title("validation bounds (higher is better)", fontsize=9)
