@@ -12,8 +12,13 @@ nothing else in the package names a data set. Built in (files and formats in dat
                      drawn afresh each time an image is served; train = the first 50k of the
                      60k training images, valid = the last 10k, train_full = all 60k, test = 10k
     jsb_chorales     88-key piano rolls (MIDI 21..108), 229 / 76 / 77 chorales
+    fashion_mnist    Fashion-MNIST (Xiao et al. 2017), dynamic binarization, splits as mnist
     seq_mnist        binarized_mnist as sequences of 28 rows of 28 bits
     npz              your own sequences: `data_path` names an .npz file (see `save_sequences`)
+    images           your own images: `data_path` names an .npz of uint8 arrays per split or a
+                     folder with train/ valid/ (test/) subfolders of PNG/JPEG (imagefiles.py);
+                     0/1 (or 0/255) images are used as they are, other grey levels are
+                     binarized dynamically (each pixel's level / 255 is a Bernoulli mean)
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import Tensor
 
 from .configs import check
 from .datafiles import FILES, DataError, data_root, fetch, parse_amat, parse_idx, piano_roll, read_jsb_pickle, read_sequences, save_sequences
+from .imagefiles import read_image_split
 
 __all__ = [
     "DataError",
@@ -61,13 +67,13 @@ KINDS = ("images", "sequences")
 class DataConfig:
     """Which data, where, and how it is batched."""
 
-    name: str = "binarized_mnist"
+    name: str = "binarized_mnist"  # data set: a registered name (see `seqvae train --help`)
     data_dir: str | None = None  # None: $SEQVAE_DATA, else data/
-    data_path: str | None = None  # the .npz file for name=npz
-    batch_size: int = 64
+    data_path: str | None = None  # name=npz: the .npz file; name=images: the .npz or the folder of images
+    batch_size: int = 64  # examples per optimiser step (the global batch under torchrun)
     limit: int | None = None  # use only the first `limit` examples of the training split
     valid_limit: int | None = None  # ... and of the validation split
-    download: bool = True
+    download: bool = True  # download missing files from their canonical source (checked against checksums)
 
     def validate(self) -> "DataConfig":
         check(self.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {self.name!r}")
@@ -219,13 +225,36 @@ def _load_binarized_mnist(split: str, dc: DataConfig) -> ImageData:
     return ImageData(torch.from_numpy(images.copy()).view(-1, 1, 28, 28), binarize="fixed", name=f"binarized_mnist/{split}")
 
 
-def _load_mnist(split: str, dc: DataConfig) -> ImageData:
+def _idx_images(name: str, split: str, dc: DataConfig) -> ImageData:
+    """MNIST-like IDX images: train = the first 50k training images, valid = the last 10k."""
     part = "test" if split == "test" else "train"
-    spec = FILES[("mnist", f"{part}-images")]
+    spec = FILES[(name, f"{part}-images")]
     (content,) = fetch(_root(dc), [spec], dc.download)
     images = parse_idx(content, f"{spec.folder}/{spec.name}", 3)
     images = {"train": images[:50000], "valid": images[50000:], "train_full": images, "test": images}[split]
-    return ImageData(torch.from_numpy(images.copy()).view(-1, 1, 28, 28), binarize="dynamic", name=f"mnist/{split}")
+    return ImageData(torch.from_numpy(images.copy()).view(-1, 1, 28, 28), binarize="dynamic", name=f"{name}/{split}")
+
+
+def _load_mnist(split: str, dc: DataConfig) -> ImageData:
+    return _idx_images("mnist", split, dc)
+
+
+def _load_fashion_mnist(split: str, dc: DataConfig) -> ImageData:
+    return _idx_images("fashion_mnist", split, dc)
+
+
+def _load_images(split: str, dc: DataConfig) -> ImageData:
+    if not dc.data_path:
+        raise DataError("the images data set needs a file or folder: pass --data.data_path=PATH (.npz or a folder)")
+    images = read_image_split(dc.data_path, split)
+    levels = np.unique(images[: min(len(images), 2000)])  # the levels used decide the binarisation
+    if set(levels.tolist()) <= {0, 1} and bool((images <= 1).all()):
+        binarize = "fixed"
+    elif set(levels.tolist()) <= {0, 255} and bool(((images == 0) | (images == 255)).all()):
+        images, binarize = images // 255, "fixed"
+    else:
+        binarize = "dynamic"
+    return ImageData(torch.from_numpy(np.ascontiguousarray(images)), binarize=binarize, name=f"{Path(dc.data_path).name}/{split}")
 
 
 def _load_seq_mnist(split: str, dc: DataConfig) -> SequenceData:
@@ -251,6 +280,10 @@ register_dataset(DatasetSpec("binarized_mnist", "images", _load_binarized_mnist,
                              description="the fixed binarization of Larochelle & Murray (2011)"))
 register_dataset(DatasetSpec("mnist", "images", _load_mnist, splits=(*SPLITS, "train_full"), shape=(1, 28, 28), binary=True,
                              description="MNIST with dynamic binarization"))
+register_dataset(DatasetSpec("fashion_mnist", "images", _load_fashion_mnist, splits=(*SPLITS, "train_full"), shape=(1, 28, 28),
+                             binary=True, description="Fashion-MNIST (Xiao et al. 2017) with dynamic binarization"))
+register_dataset(DatasetSpec("images", "images", _load_images, binary=True, needs_path=True,
+                             description="your own images: an .npz of uint8 arrays per split or a folder of PNG/JPEG per split"))
 register_dataset(DatasetSpec("jsb_chorales", "sequences", _load_jsb, shape=(88,), binary=True, display="piano",
                              description="JSB chorales as 88-key piano rolls"))
 register_dataset(DatasetSpec("seq_mnist", "sequences", _load_seq_mnist, shape=(28,), binary=True, display="rows", length=28,

@@ -5,6 +5,8 @@ SEQVAE_DATA, else `data/` in the working directory. Files are looked up there:
 
     binarized_mnist/binarized_mnist_{train,valid,test}.amat[.gz]  Larochelle & Murray (2011)
     mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz          LeCun et al. (1998)
+    fashion_mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz  Xiao et al. (2017); also found
+                                  in /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)
     polyphonic/jsb_chorales.pickle                                 Boulanger-Lewandowski et al. (2012)
 
 Every file is checked against its published checksum before use. A missing file is
@@ -104,6 +106,7 @@ class _Remote:
 
 _LAROCHELLE = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 _MNIST = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _JSB = "http://www-etud.iro.umontreal.ca/~boulanni/JSB%20Chorales.pickle"
 
 FILES = {
@@ -114,14 +117,24 @@ FILES = {
     ("mnist", "train-labels"): _Remote("mnist", "train-labels-idx1-ubyte.gz", _MNIST + "train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624", 60_008),
     ("mnist", "test-images"): _Remote("mnist", "t10k-images-idx3-ubyte.gz", _MNIST + "t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea", 7_840_016),
     ("mnist", "test-labels"): _Remote("mnist", "t10k-labels-idx1-ubyte.gz", _MNIST + "t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637", 10_008),
+    # Fashion-MNIST: md5 of the uncompressed IDX content (so a recompressed copy, such as the
+    # Debian package dataset-fashion-mnist installs, is accepted as well as the download)
+    ("fashion_mnist", "train-images"): _Remote("fashion_mnist", "train-images-idx3-ubyte.gz", _FASHION + "train-images-idx3-ubyte.gz", "f4a8712d7a061bf5bd6d2ca38dc4d50a", 47_040_016),
+    ("fashion_mnist", "train-labels"): _Remote("fashion_mnist", "train-labels-idx1-ubyte.gz", _FASHION + "train-labels-idx1-ubyte.gz", "9018921c3c673c538a1fc5bad174d6f9", 60_008),
+    ("fashion_mnist", "test-images"): _Remote("fashion_mnist", "t10k-images-idx3-ubyte.gz", _FASHION + "t10k-images-idx3-ubyte.gz", "8181f5470baa50b63fa0f6fddb340f0a", 7_840_016),
+    ("fashion_mnist", "test-labels"): _Remote("fashion_mnist", "t10k-labels-idx1-ubyte.gz", _FASHION + "t10k-labels-idx1-ubyte.gz", "15d484375f8d13e6eb1aabb0c3f46965", 10_008),
     ("jsb_chorales", "all"): _Remote("polyphonic", "jsb_chorales.pickle", _JSB, "69dc4c3e52800959ac0ab3b82aa3e5f55285ce64f1705acb3e3a8ef77a5c051c", 2_051_809, algorithm="sha256"),
 }
 
 
+# Where a system package installs a data set, searched after the data root.
+SYSTEM_FOLDERS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
+
+
 def _candidates(root: Path, spec: _Remote) -> list[Path]:
-    folder = root / spec.folder
+    folders = [root / spec.folder] + ([SYSTEM_FOLDERS[spec.folder]] if spec.folder in SYSTEM_FOLDERS else [])
     names = [spec.name] + ([spec.name + ".gz"] if spec.accept_gz else [])
-    return [folder / n for n in names]
+    return [folder / n for folder in folders for n in names]
 
 
 def _missing_error(root: Path, specs: list[_Remote], why: str) -> DataError:
