@@ -153,7 +153,7 @@ def cmd_eval(args, extra: list[str]) -> int:
     data = _split_loader(config, args.split, args.data_dir)().subset(args.limit)
     _check_fits(config, data)
     started = time.time()
-    result = evaluate(model, data, name=args.bound, k=args.k, batch_size=args.batch_size, device=device)
+    result = evaluate(model, data, name=args.bound, k=args.k, batch_size=args.batch_size, device=device, progress=True)
     result.update(split=args.split, seconds=round(time.time() - started, 1), epoch=payload.get("epoch"), step=payload.get("step"))
     what = "log-likelihood estimate" if args.bound == "ll" else f"{args.bound} bound"
     lines = [f"{config.model_kind} on {dc.name}/{args.split} ({result['examples']} examples), {what} with k={args.k}:"]
@@ -214,10 +214,13 @@ def cmd_viz(args, extra: list[str]) -> int:
         run_dir = _run_dir(args.run, args.runs_dir)
         if out.suffix.lower() == ".gif":
             raise CLIError("--what curves makes a still figure: use .png, .pdf or .svg")
-        metrics = (run_dir if run_dir.is_dir() else run_dir.parent) / "metrics.jsonl"
-        if not metrics.exists():
-            raise CLIError(f"{metrics} does not exist: training curves need a run folder")
-        viz.save_figure(viz.training_curves(metrics, title=run_dir.name), out)
+        from .logs import read_metrics
+
+        try:
+            records = read_metrics(run_dir if run_dir.is_dir() else run_dir.parent)
+        except FileNotFoundError as err:
+            raise CLIError(str(err)) from None
+        viz.save_figure(viz.training_curves(records, title=run_dir.name), out)
         print(f"written {out}")
         return 0
     _, spec, config, model, _, device = _load(args)
@@ -255,7 +258,39 @@ def cmd_sample(args, extra: list[str]) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def _config_help(kind: str | None) -> str:
+    """Every config key (type, default, help) and the presets, for `seqvae train [KIND] --help`."""
+    from .configs import describe_fields
+    from .data import DATASETS, DataConfig
+    from .models import MODELS
+    from .objectives import ObjectiveConfig
+    from .train import TrainConfig
+
+    def table(section: str, cls: type) -> list[str]:
+        rows = [(f"--{section}.{n}", t, d, h) for n, t, d, h in describe_fields(cls)]
+        width = max(len(r[0]) for r in rows)
+        kinds = max(len(r[1]) for r in rows)
+        return [f"  {a:<{width}}  {t:<{kinds}}  default {d}: {h}" for a, t, d, h in rows]
+
+    kinds = [kind] if kind in MODELS else list(MODELS)
+    lines = ["config keys (override any with --section.key=VALUE):", ""]
+    for name in kinds:
+        spec = MODELS[name]
+        lines += [f"model section of {name} ({spec.description}):", *table("model", spec.config), ""]
+    for section, cls in (("objective", ObjectiveConfig), ("data", DataConfig), ("train", TrainConfig)):
+        lines += [f"{section} section:", *table(section, cls), ""]
+    lines.append("presets (--preset NAME; your overrides apply after them):")
+    for name in kinds:
+        for preset, settings in MODELS[name].presets.items():
+            lines.append(f"  {name} {preset}: {' '.join(settings)}")
+    lines += ["", "data sets (--data NAME):"]
+    lines += [f"  {n} ({d.kind}): {d.description}" for n, d in DATASETS.items()]
+    if kind not in MODELS:
+        lines += ["", "seqvae train KIND --help lists the model keys and presets of one model."]
+    return "\n".join(lines)
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .models import MODELS, VIEWS
     from .objectives import OBJECTIVES
 
@@ -269,7 +304,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"seqvae {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model", description="Train a registered model. Extra arguments --section.key=value override the config.")
+    argv = sys.argv[1:] if argv is None else argv
+    asked = next((a for a in argv[argv.index("train") + 1:] if not a.startswith("-")), None) if "train" in argv else None
+    t = sub.add_parser("train", help="train a model", description="Train a registered model. Extra arguments --section.key=value override the config.",
+                       epilog=_config_help(asked) if {"-h", "--help"} & set(argv) else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("kind", help=" | ".join(MODELS))
     t.add_argument("--preset", help=f"named settings ({presets})")
     t.add_argument("--data", help="data set name (same as --data.name=NAME)")
@@ -331,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingError, TrainingInterrupted
     from .views import ViewError
 
-    parser = _parser()
+    parser = _parser(argv)
     args, extra = parser.parse_known_args(argv)
     try:
         return args.func(args, extra)

@@ -176,6 +176,25 @@ def _apply(cfg: Any, keys: list[str], text: str, full: str) -> Any:
     return dataclasses.replace(cfg, **{head: _apply(current, keys[1:], text, full)})
 
 
+def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, one line of help) of each field of a config dataclass; the help is
+    the comment written after the field in its source, so it is stated once, where the field is."""
+    import inspect
+    import re
+
+    source = inspect.getsource(cls)
+    hints = _hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        found = re.search(rf"^\s+{f.name}\s*:[^\n]*?#\s*(.+?)\s*$", source, re.M)
+        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name])
+        kind = str(hints[f.name]).replace("typing.", "") if "|" in str(hints[f.name]) or "[" in str(hints[f.name]) else kind
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        out.append((f.name, kind, "none" if default is None else str(default), found.group(1) if found else ""))
+    return out
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds (for the configs' validate methods)."""
     if not condition:

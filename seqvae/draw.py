@@ -54,15 +54,15 @@ IMAGE_LIKELIHOODS = ("bernoulli", "gaussian")
 class DrawConfig:
     """Everything that defines a DRAW network; `DRAW.from_config(cfg)` rebuilds it."""
 
-    image_shape: tuple[int, int, int] = (1, 28, 28)
-    steps: int = 64
-    hidden_size: int = 256
-    z_size: int = 100
-    read: str = "filterbank"
-    write: str = "filterbank"
-    read_size: int = 2
-    write_size: int = 5
-    likelihood: str = "bernoulli"
+    image_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W); set from the data unless given
+    steps: int = 64  # glimpses T (the canvas is written T times)
+    hidden_size: int = 256  # units of the encoder and decoder LSTMs
+    z_size: int = 100  # latent units per glimpse
+    read: str = "filterbank"  # read head: none (the whole image, eq 17) | filterbank (an N x N Gaussian glimpse, eqs 19-27)
+    write: str = "filterbank"  # write head: none (eq 18) | filterbank (eq 29)
+    read_size: int = 2  # N of the read filterbank
+    write_size: int = 5  # N of the write filterbank
+    likelihood: str = "bernoulli"  # bernoulli (binary images) | gaussian (grey or colour values in [0, 1])
 
     def validate(self) -> "DrawConfig":
         check(len(self.image_shape) == 3, f"model.image_shape must be 3 sizes (C, H, W), got {self.image_shape}")

@@ -54,16 +54,16 @@ POSTERIORS = ("smoothing", "filtering")
 class SRNNConfig:
     """Everything that defines an SRNN; `SRNN(cfg)` rebuilds it."""
 
-    x_dim: int = 88
+    x_dim: int = 88  # features per time step; set from the data unless given
     hidden_size: int = 100  # units of the deterministic RNN d and of the backward RNN a
-    z_size: int = 16
-    cell: str = "gru"
-    output: str = "bernoulli"
+    z_size: int = 16  # latent units per time step
+    cell: str = "gru"  # gru | lstm
+    output: str = "bernoulli"  # output head p(x_t | ...): bernoulli | gaussian | mixture | strokes (a density only for real-valued data)
     posterior: str = "smoothing"  # smoothing (a backward RNN over [d_t, x_t]) | filtering (a_t = [d_t, x_t])
     feature_size: int | None = None  # width of the MLPs; None = hidden_size
-    prior_layers: int = 1
-    posterior_layers: int = 1
-    decoder_layers: int = 2
+    prior_layers: int = 1  # hidden layers of p(z_t | z_{t-1}, d_t)
+    posterior_layers: int = 1  # hidden layers of q(z_t | z_{t-1}, a_t)
+    decoder_layers: int = 2  # hidden layers of p(x_t | z_t, d_t)
     components: int = 5  # mixture components (output=mixture or strokes)
     min_scale: float = 1e-3  # floor on the output Gaussians' standard deviations
     output_bias_from_data: bool = False  # Bernoulli output: start the output bias at the logit of the training mean

@@ -59,18 +59,18 @@ PRIORS = ("learned", "standard")
 class VRNNConfig:
     """Everything that defines a VRNN; `VRNN.from_config(cfg)` rebuilds it."""
 
-    x_dim: int = 88
-    hidden_size: int = 100
-    z_size: int = 16
-    cell: str = "gru"
-    output: str = "bernoulli"
+    x_dim: int = 88  # features per time step; set from the data unless given
+    hidden_size: int = 100  # units of the recurrent cell
+    z_size: int = 16  # latent units per time step
+    cell: str = "gru"  # gru | lstm
+    output: str = "bernoulli"  # output head p(x_t | ...): bernoulli | gaussian | mixture | strokes (a density only for real-valued data)
     prior: str = "learned"  # learned (VRNN) | standard (VRNN-I)
     feature_size: int | None = None  # width of phi_x, phi_z and the MLPs; None = hidden_size
     x_layers: int = 2  # layers of phi_x
     z_layers: int = 1  # layers of phi_z
-    posterior_layers: int = 2
-    prior_layers: int = 1
-    decoder_layers: int = 2
+    posterior_layers: int = 2  # hidden layers of the posterior network
+    prior_layers: int = 1  # hidden layers of the learned prior network
+    decoder_layers: int = 2  # hidden layers of the decoder network
     components: int = 5  # mixture components (output=mixture or strokes)
     min_scale: float = 1e-3  # floor on the output Gaussians' standard deviations
     output_bias_from_data: bool = False  # Bernoulli output: start the output bias at the logit of the training mean
@@ -96,16 +96,16 @@ class VRNNConfig:
 class RNNConfig:
     """An RNN with no latent variables, the same feature network and output heads."""
 
-    x_dim: int = 88
-    hidden_size: int = 100
-    cell: str = "gru"
-    output: str = "bernoulli"
-    feature_size: int | None = None
-    x_layers: int = 2
-    decoder_layers: int = 2
-    components: int = 5
-    min_scale: float = 1e-3
-    output_bias_from_data: bool = False
+    x_dim: int = 88  # features per time step; set from the data unless given
+    hidden_size: int = 100  # units of the recurrent cell
+    cell: str = "gru"  # gru | lstm
+    output: str = "bernoulli"  # output head p(x_t | ...): bernoulli | gaussian | mixture | strokes (a density only for real-valued data)
+    feature_size: int | None = None  # width of phi_x and the decoder MLP; None = hidden_size
+    x_layers: int = 2  # layers of phi_x
+    decoder_layers: int = 2  # hidden layers of the decoder network
+    components: int = 5  # mixture components (output=mixture or strokes)
+    min_scale: float = 1e-3  # floor on the output Gaussians' standard deviations
+    output_bias_from_data: bool = False  # Bernoulli output: start the output bias at the logit of the training mean
 
     def validate(self) -> "RNNConfig":
         _check_common(self)
