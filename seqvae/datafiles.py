@@ -199,8 +199,22 @@ def _read_verified(path: Path, spec: _Remote) -> bytes:
 
 
 def _download(spec: _Remote, dest: Path) -> None:
-    """Download to a temporary file beside dest, verify, then rename: never a partial file."""
+    """Download to a temporary file beside dest, verify, then rename: never a partial file, and
+    no folder left behind that the download created."""
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _download_into(spec, dest)
+    except BaseException:
+        for folder in created:  # innermost first; only folders this download made, and only if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _download_into(spec: _Remote, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         os.fchmod(fd, 0o644)

@@ -75,6 +75,7 @@ def test_missing_file_offline_names_files_and_folder(tmp_path, no_network):
     assert "binarized_mnist/binarized_mnist_train.amat" in message and str(tmp_path.resolve()) in message
     assert "download failed" in message and "http" in message
     assert not any(tmp_path.rglob("*.part"))  # nothing half-written left behind
+    assert not (tmp_path / "binarized_mnist").exists()  # nor the empty folder the download made
     with pytest.raises(D.DataError, match="downloading is off"):
         D.load_dataset("mnist", "test", data_dir=tmp_path, download=False)
 
