@@ -6,10 +6,12 @@
     seqvae.SRNN      the stochastic recurrent network (Fraccaro et al. 2016)
     seqvae.elbo, seqvae.iwae_bound, seqvae.fivo_bound, seqvae.log_likelihood
                      per-example bounds and estimates of log p(x), in nats
+    seqvae.pretrained("draw-attention")
+                     a model shipped with the package (seqvae.zoo.available() lists them)
 
 Submodules: attention (filterbank maths), distributions (likelihood heads), cells, nets, recurrent
 (the contract and the time loop), objectives, models (the registry), data, run, train, evaluate,
-views, viz, cli. Importing seqvae does no work beyond importing torch and einops.
+views, viz, zoo (pretrained models), cli. Importing seqvae does no work beyond importing torch and einops.
 """
 
 from . import attention
@@ -17,6 +19,7 @@ from .draw import DRAW
 from .objectives import elbo, fivo_bound, iwae_bound, log_likelihood
 from .srnn import SRNN
 from .vrnn import RNN, VRNN
+from .zoo import pretrained
 
-__all__ = ["DRAW", "VRNN", "RNN", "SRNN", "elbo", "iwae_bound", "fivo_bound", "log_likelihood", "attention"]
+__all__ = ["DRAW", "VRNN", "RNN", "SRNN", "elbo", "iwae_bound", "fivo_bound", "log_likelihood", "attention", "pretrained"]
 __version__ = "0.1.0"

@@ -29,6 +29,10 @@ class CLIError(Exception):
 
 
 def _run_dir(run: str, runs_dir: str) -> Path:
+    if run.startswith("pretrained:"):  # a model shipped with the package (seqvae.zoo)
+        from .zoo import pretrained_path
+
+        return pretrained_path(run)
     path = Path(run)
     if path.exists():
         return path
@@ -239,7 +243,7 @@ def cmd_viz(args, extra: list[str]) -> int:
 def cmd_sample(args, extra: list[str]) -> int:
     import torch
 
-    from .data import dataset_info
+    from .data import model_data_info
     from .views import write_samples
 
     if extra:
@@ -253,7 +257,7 @@ def cmd_sample(args, extra: list[str]) -> int:
     midi = Path(args.midi) if args.midi else None
     if midi is not None and midi.suffix.lower() not in (".mid", ".midi"):
         raise CLIError(f"--midi must name a .mid file, got {midi.name!r}")
-    for path in write_samples(model, spec, dataset_info(config.data), args.n, out_dir, steps=args.steps, midi=midi):
+    for path in write_samples(model, spec, model_data_info(config.data, config.model), args.n, out_dir, steps=args.steps, midi=midi):
         print(f"written {path}")
     return 0
 
@@ -320,7 +324,7 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="estimate the test log-likelihood of a trained run")
-    e.add_argument("run", help="run folder, run name under --runs-dir, or checkpoint file")
+    e.add_argument("run", help="run folder, run name under --runs-dir, checkpoint file, or pretrained:NAME (a shipped model)")
     e.add_argument("--k", type=int, help="samples (particles) per example (default: 5000 for ll, 1 for elbo, 50 otherwise)")
     e.add_argument("--bound", default="ll", choices=["ll", *OBJECTIVES], help="ll = importance-sampling estimate of log p(x)")
     e.add_argument("--split", default="test", choices=splits, help="a split of the run's data set")
@@ -335,7 +339,7 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
-    s.add_argument("run", help="run folder, run name under --runs-dir, or checkpoint file")
+    s.add_argument("run", help="run folder, run name under --runs-dir, checkpoint file, or pretrained:NAME (a shipped model)")
     s.add_argument("--n", type=int, default=64, help="number of samples")
     s.add_argument("--steps", type=int, help="sequence models: time steps per sample")
     s.add_argument("--out-dir", help="where to write (default: the run folder)")
@@ -347,7 +351,7 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     v = sub.add_parser("viz", help="figures from a trained run", description="Figures of a run: attention glimpses, canvases, sequences with per-step KL, latent usage, training curves.")
-    v.add_argument("run", help="run folder, run name under --runs-dir, or checkpoint file")
+    v.add_argument("run", help="run folder, run name under --runs-dir, checkpoint file, or pretrained:NAME (a shipped model)")
     v.add_argument("--what", required=True, choices=[*VIEWS, "curves"], help="which figure; each model offers some of them")
     v.add_argument("--out", required=True, help="output file: .png/.pdf/.svg, or .gif for an animation (glimpses, canvas)")
     v.add_argument("--n", type=int, default=4, help="examples (glimpses, canvas, sequences)")

@@ -328,6 +328,20 @@ def dataset_info(dc: DataConfig, data: "ImageData | SequenceData | None" = None)
     return DataInfo(dc.name, spec.kind, tuple(shape), bool(binary), display, length)
 
 
+def model_data_info(dc: DataConfig, model_config) -> DataInfo:
+    """What a trained model says of its data, without reading files: the registry's entry where
+    it knows the shape, else the shape and the head recorded in the model's config (a run on
+    your own files can sample and draw after those files have moved)."""
+    spec = get_dataset(dc.name)
+    if spec.shape is not None and spec.binary is not None:
+        return dataset_info(dc)
+    shape = getattr(model_config, "image_shape", None) or (getattr(model_config, "x_dim"),)
+    head = getattr(model_config, "likelihood", None) or getattr(model_config, "output", None)
+    binary = head == "bernoulli"
+    display = spec.display or ("piano" if binary else "lines")
+    return DataInfo(dc.name, spec.kind, tuple(shape), binary, display, spec.length)
+
+
 def describe(data: "ImageData | SequenceData") -> DataInfo:
     """A DataInfo from loaded data alone (for data that did not come through the registry)."""
     shape = data.image_shape if data.kind == "images" else (data.x_dim,)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import viz
-from .data import DataInfo
+from .data import DataInfo, model_data_info
 
 __all__ = ["sample_figure", "write_samples", "draw_view", "ViewError"]
 
@@ -64,7 +64,7 @@ def write_samples(model, spec, info: DataInfo, n: int, out_dir: Path, *, steps: 
         trace = model.generate(n)
         return [
             viz.save_figure(viz.image_grid(trace.images.cpu(), title=f"{_title(model, spec.name)} samples"), out_dir / "samples.png"),
-            viz.save_gif(viz.canvas_frames(trace.canvases.cpu()), out_dir / "samples.gif"),
+            viz.save_gif(viz.canvas_frames(trace.canvases.cpu()), out_dir / "samples.gif", title=f"{spec.name} samples"),
         ]
     if info.kind == "sequences":
         steps = steps or info.length or 100
@@ -87,7 +87,7 @@ def draw_view(what: str, model, spec, config, load_split, out: Path, *, n: int =
             raise ViewError("--midi writes reconstructions of sequences: use it with --what sequences")
         from .data import dataset_info
 
-        _check_midi(dataset_info(config.data))  # before any work
+        _check_midi(model_data_info(config.data, config.model))  # before any work
     if what not in spec.views:
         offered = ", ".join([*spec.views, "curves"])
         raise ViewError(f"--what {what} is not a view of {spec.name} runs: it offers {offered}")
@@ -103,13 +103,14 @@ def draw_view(what: str, model, spec, config, load_split, out: Path, *, n: int =
             x = load_split().batch(torch.arange(n)).x.to(device)
             trace = model.reconstruct(x)
             if gif:
-                return viz.glimpse_animation(trace, out, x.cpu(), read_size=read_n, write_size=write_n, n=n)
+                return viz.glimpse_animation(trace, out, x.cpu(), read_size=read_n, write_size=write_n, n=n,
+                                             title=f"{title}, reconstructions (read red, write green)")
             fig = viz.glimpse_grid(trace, x.cpu(), read_size=read_n, write_size=write_n, n=n, steps=steps,
                                    title=title + ", reconstructions")
         else:
             trace = model.generate(n)
             if gif:
-                return viz.glimpse_animation(trace, out, write_size=write_n, n=n)
+                return viz.glimpse_animation(trace, out, write_size=write_n, n=n, title=f"{title}, samples")
             fig = viz.canvas_grid(trace, n=n, steps=steps, write_size=write_n, title=title + ", samples drawn step by step")
     elif what == "sequences":
         data = load_split()

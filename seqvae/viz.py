@@ -150,9 +150,12 @@ def canvas_frames(canvases: Tensor, nrow: int | None = None) -> list[np.ndarray]
     return [grid_array(canvases[:, t], nrow) for t in range(canvases.shape[1])]
 
 
-def save_gif(frames: list, path: str | os.PathLike, *, duration_ms: int = 120, hold_last_ms: int = 1200, scale: int = 3) -> Path:
-    """Write frames (arrays in [0, 1], (H, W) or (H, W, c), or matplotlib figures) as a looping GIF."""
-    from PIL import Image
+def save_gif(frames: list, path: str | os.PathLike, *, title: str | None = None, duration_ms: int = 500,
+             hold_last_ms: int = 3000, scale: int = 3) -> Path:
+    """Write frames (arrays in [0, 1], (H, W) or (H, W, c), or matplotlib figures) as a looping GIF:
+    two frames per second by default, the last one held for 3 s; with `title`, array frames get a
+    header with the title and "step t/T"."""
+    from PIL import Image, ImageDraw
 
     images = []
     for frame in frames:
@@ -168,12 +171,30 @@ def save_gif(frames: list, path: str | os.PathLike, *, duration_ms: int = 120, h
         images.append(img.convert("RGB"))
     if not images:
         raise ValueError("no frames to write")
+    if title is not None:
+        images = [_with_header(img, f"{title}: step {t + 1}/{len(images)}" if len(images) > 1 else title, ImageDraw)
+                  for t, img in enumerate(images)]
     durations = [duration_ms] * (len(images) - 1) + [hold_last_ms]
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def _with_header(image, text: str, image_draw):
+    """The image below a white strip holding `text` (PIL's built-in font, wrapped to the width)."""
+    from PIL import Image
+
+    import textwrap
+
+    lines = textwrap.wrap(text, max(8, image.width // 6), break_long_words=True) or [""]
+    out = Image.new("RGB", (image.width, image.height + 12 * len(lines) + 4), "white")
+    out.paste(image, (0, 12 * len(lines) + 4))
+    draw = image_draw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((3, 2 + 12 * i), line, fill="black")
+    return out
 
 
 # ---------------------------------------------------------------------------- attention
@@ -284,7 +305,7 @@ def canvas_grid(trace, *, n: int = 8, steps: int | None = None, write_size: int 
 
 
 def glimpse_animation(trace, path, images: Tensor | None = None, *, read_size: int | None = None,
-                      write_size: int | None = None, n: int = 4, duration_ms: int = 150):
+                      write_size: int | None = None, n: int = 4, duration_ms: int = 500, title: str | None = None):
     """A GIF of the canvas being drawn, one frame per step, boxes moving with the attention;
     with `images`, each example's input and read box is shown beside its canvas."""
     n = min(n, trace.canvases.shape[0])
@@ -301,7 +322,7 @@ def glimpse_animation(trace, path, images: Tensor | None = None, *, read_size: i
             _image_panel(ax, trace.canvases[i, t], "canvas" if (i == 0 and show_read) else None)
             if trace.write is not None and write_size is not None:
                 add_glimpse_box(ax, trace.write, write_size, i, t, WRITE_COLOUR)
-        fig.suptitle(f"step {t + 1}/{trace.canvases.shape[1]}", fontsize=8)
+        fig.suptitle(f"{title + ': ' if title else ''}step {t + 1}/{trace.canvases.shape[1]}", fontsize=8)
         frames.append(fig)
     return save_gif(frames, path, duration_ms=duration_ms)
 
@@ -354,27 +375,32 @@ def sequence_kl(x: Tensor, kl: Tensor, *, mean: Tensor | None = None, title: str
     return fig
 
 
-def latent_usage(usage, *, title: str | None = None):
-    """Active units (bars of Cov_x(E_q[u]) against the 0.01 threshold) and KL per unit and step."""
+def latent_usage(usage, *, title: str | None = None, kl_max: float | None = None):
+    """Active units (bars against the 0.01 threshold) and KL per unit and step; kl_max fixes the top of
+    the heat map's colour scale (give several runs' figures the same one to compare them)."""
     fig = _figure(9.0, 3.6)
     ax_bar, ax_heat = fig.subplots(1, 2, width_ratios=[1, 1.4])
-    var = usage.pooled_variance if usage.sequential else usage.variance.max(0).values
+    # For sequences the bars and the headline use the prior-relative criterion (the same as
+    # Burda's for a fixed N(0, I) prior; for a learned prior the one that tracks the KL).
+    var = usage.prior_relative_variance if usage.sequential else usage.variance.max(0).values
     active = var > usage.threshold
     units = np.arange(var.shape[0])
     ax_bar.bar(units, var.numpy(), color=np.where(active.numpy(), "#2b6cb0", "#b0b0b0"))
     ax_bar.axhline(usage.threshold, color="k", linestyle="--", linewidth=0.8)
     ax_bar.set_yscale("log")
     ax_bar.set_xlabel("latent unit", fontsize=8)
-    ax_bar.set_ylabel("Cov_x(E_q[u])" + ("" if usage.sequential else ", max over steps"), fontsize=8)
+    ax_bar.set_ylabel("Cov_x(E_q[u] - E_p[u])" if usage.sequential else "Cov_x(E_q[u]), max over steps", fontsize=8)
     if usage.sequential:
-        bar_title = f"{int(active.sum())} of {var.shape[0]} units active (pooled over time)"
+        burda = int(usage.pooled_active.sum())
+        bar_title = (f"{int(active.sum())} of {var.shape[0]} units active relative to the prior\n"
+                     f"(pooled over time; {burda} by Cov_x(E_q[u]) alone)")
     else:
         bar_title = (f"{int(active.sum())} of {var.shape[0]} units active at some glimpse\n"
                      f"({usage.active_units} of {usage.active.numel()} (step, unit) pairs)")
     ax_bar.set_title(bar_title + f"; dashed: {usage.threshold}", fontsize=9)
     kl = usage.kl.numpy()
     steps = kl.shape[0]
-    im = ax_heat.imshow(kl.T, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
+    im = ax_heat.imshow(kl.T, origin="lower", aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=kl_max,
                         extent=(0.5, steps + 0.5, -0.5, kl.shape[1] - 0.5))
     ax_heat.set_xlabel("time step" if usage.sequential else "glimpse step", fontsize=8)
     ax_heat.set_ylabel("latent unit", fontsize=8)
