@@ -72,11 +72,13 @@ def attention_params(raw: Tensor, height: int, width: int, n: int) -> AttentionP
     gx_, gy_, log_sigma2, log_delta_, log_gamma = raw.unbind(-1)
     gx = (width + 1) / 2 * (gx_ + 1)
     gy = (height + 1) / 2 * (gy_ + 1)
-    delta = (max(width, height) - 1) / max(n - 1, 1) * log_delta_.exp()
-    return AttentionParams(gx, gy, delta, log_sigma2.exp(), log_gamma.exp())
+    delta = (max(width, height) - 1) / max(n - 1, 1) * log_delta_.clamp(max=_LOG_MAX).exp()
+    return AttentionParams(gx, gy, delta, log_sigma2.clamp(max=_LOG_MAX).exp(), log_gamma.clamp(max=_LOG_MAX).exp())
 
 
-_FAR = 1e15  # pixels: filter means are kept within +-_FAR (see filterbank)
+_FAR = 1e15  # pixels: filter means and strides are kept within +-_FAR (see filterbank)
+_SIGMA2_MIN = 1e-12  # squared pixels: variances are floored here (see filterbank)
+_LOG_MAX = 80.0  # log sigma^2, log delta~, log gamma are clamped here before exp (exp(89) is inf in float32)
 
 
 def filterbank(center: Tensor, delta: Tensor, sigma2: Tensor, n: int, size: int) -> Tensor:
@@ -86,8 +88,9 @@ def filterbank(center: Tensor, delta: Tensor, sigma2: Tensor, n: int, size: int)
     a = 1..size is exp(-(a - mu_i)^2 / (2 sigma2)) normalised to sum to 1. The
     normalisation is a softmax over a: the largest term is subtracted before exponentiating,
     so the denominator is at least 1 and can never be zero, even for a filter that lies far
-    outside the image or has a vanishing variance; sigma2 is floored at the dtype's smallest
-    normal number, so a variance that underflowed to 0 gives a one-hot filter, not NaN.
+    outside the image or has a vanishing variance. For any finite input the filters and
+    their gradients are finite: sigma2 is floored at 1e-12, the stride and the means are kept
+    within +-1e15 pixels (float32 cannot tell pixels apart that far out anyway).
 
     center, delta, sigma2: (b,). Returns (b, n, size).
     """
@@ -98,12 +101,14 @@ def filterbank(center: Tensor, delta: Tensor, sigma2: Tensor, n: int, size: int)
     a = torch.arange(1, size + 1, dtype=work, device=device)  # (size,)
     # Means beyond +-1e15 pixels are moved to +-1e15: float32 cannot tell pixels apart that far
     # out anyway (its spacing there is ~1e8), and the squares stay finite.
-    mu = (center[:, None] + (i - n / 2 - 0.5) * delta[:, None]).clamp(-_FAR, _FAR)  # (b, n)
+    mu = (center[:, None] + (i - n / 2 - 0.5) * delta.clamp(-_FAR, _FAR)[:, None]).clamp(-_FAR, _FAR)  # (b, n)
     sq = (a - mu[:, :, None]) ** 2  # (b, n, size)
     sq = sq - sq.amin(dim=-1, keepdim=True)  # the nearest pixel's logit is exactly 0 (softmax is shift-invariant)
-    tiny = torch.finfo(sigma2.dtype).tiny  # exp(log sigma^2) underflows to 0 below -88.7 in float32
-    logits = -sq / (2 * sigma2.clamp_min(tiny)[:, None, None])  # finite or -inf, never 0/0
-    return logits.softmax(dim=-1).to(dtype)
+    # A variance below 1e-12 px^2 (exp(log sigma^2) underflows to 0 below -88.7 in float32) is
+    # floored there: the filter is one-hot either way, and the forward (-sq * coef, finite or
+    # -inf) and the backward (1 / sigma^4 stays finite) never meet 0 * inf.
+    coef = (2 * sigma2.clamp_min(_SIGMA2_MIN)).reciprocal()[:, None, None]
+    return (-sq * coef).softmax(dim=-1).to(dtype)
 
 
 def glimpse(image: Tensor, fy: Tensor, fx: Tensor) -> Tensor:
@@ -173,11 +178,14 @@ class Filterbanks(nn.Module):
         # raw (b, 5) = (g~X, g~Y, log sigma^2, log delta~, log gamma)
         g, logs = raw.split([2, 3], dim=1)
         centre = torch.addcmul(self.half_size, g, self.half_size)  # (b, 2): gx, gy  (eqs 22-23)
-        sigma2, delta, gamma = logs.exp().unbind(1)  # (b,) each
+        sigma2, delta, gamma = logs.clamp(max=_LOG_MAX).exp().unbind(1)  # (b,) each; finite (see _LOG_MAX)
         delta = delta * self.stride  # (eq 24)
-        mu = torch.addcmul(centre.unsqueeze(-1), delta.view(-1, 1, 1), self.offsets)  # (b, 2, n)  (eqs 19-20)
-        coef = (sigma2 * -2).reciprocal().view(-1, 1, 1, 1)  # -1 / (2 sigma^2)
-        logits = (self.grid - mu.unsqueeze(-1)).square() * coef  # (b, 2, n, size)
+        mu = torch.addcmul(centre.unsqueeze(-1), delta.clamp(max=_FAR).view(-1, 1, 1), self.offsets)  # (b, 2, n)  (eqs 19-20)
+        sq = (self.grid - mu.clamp(-_FAR, _FAR).unsqueeze(-1)).square()  # (b, 2, n, size)
+        # the nearest real pixel's logit is exactly 0; coef is finite (see filterbank)
+        sq = sq - (sq if self.pad is None else sq - self.pad).amin(dim=-1, keepdim=True)
+        coef = (sigma2.clamp_min(_SIGMA2_MIN) * -2).reciprocal().view(-1, 1, 1, 1)  # -1 / (2 sigma^2)
+        logits = sq * coef  # (b, 2, n, size)
         if self.pad is not None:
             logits = logits + self.pad
         fx, fy = logits.softmax(dim=-1).unbind(1)  # rows sum to 1; denominator >= 1 (see filterbank)

@@ -25,6 +25,7 @@ import io
 import os
 import pickle
 import random
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = ["CheckpointError", "MAX_CHECKPOINT_BYTES", "atomic_write_bytes", "sav
 
 MAX_CHECKPOINT_BYTES = 2 << 30  # 2 GiB: a paper-sized DRAW with its Adam state is about 25 MB
 MAX_PICKLE_BYTES = 16 << 20  # the pickled structure (names, numbers, config) of a checkpoint, tensors apart
+MAX_ENTRIES = 50_000  # zip entries (one per tensor storage): a paper-sized DRAW with Adam state has under 200
 
 
 class CheckpointError(Exception):
@@ -95,18 +97,45 @@ def _check_layout(path: Path, max_bytes: int) -> None:
     size = path.stat().st_size
     if size > max_bytes:
         raise CheckpointError(f"{path} holds {size:,} bytes, more than the {max_bytes:,} a checkpoint may have; refused unread")
+    entries = _entry_count(path, size)
+    if entries > MAX_ENTRIES:
+        raise CheckpointError(f"{path} lists {entries:,} zip entries, more than the {MAX_ENTRIES:,} a checkpoint may have; "
+                              "refused unread")
     try:
         with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
+            infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is truncated or corrupt, or not a checkpoint (expected the zip file torch.save writes: {err})") from None
-    for entry in entries:
-        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > size:
+    for entry in infos:
+        if entry.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(f"{path} is not a seqvae checkpoint: its entry {entry.filename!r} is compressed, which "
                                   "torch.save never does; refused unread")
         if entry.filename.endswith(".pkl") and entry.file_size > MAX_PICKLE_BYTES:
             raise CheckpointError(f"{path} carries {entry.file_size:,} bytes of pickled values (at most {MAX_PICKLE_BYTES:,} "
                                   "expected besides its tensors); refused unread")
+    if sum(entry.file_size for entry in infos) > size:  # entries that overlap (or claim bytes the file lacks)
+        raise CheckpointError(f"{path} is not a seqvae checkpoint: its zip entries claim more bytes than the file holds; "
+                              "refused unread")
+
+
+def _entry_count(path: Path, size: int) -> int:
+    """The number of entries a zip file's end record declares, read from its last 64 KiB only
+    (so that a directory of millions of entries is refused before it is parsed)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 16) - 22))
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            return 0  # not a zip: zipfile says so below
+        entries = struct.unpack("<H", tail[at + 10 : at + 12])[0]
+        locator = tail.rfind(b"PK\x06\x07", 0, at)
+        if entries == 0xFFFF and locator >= 0:  # zip64: the count is in the zip64 end record
+            (offset,) = struct.unpack("<Q", tail[locator + 8 : locator + 16])
+            f.seek(offset)
+            record = f.read(56)
+            if len(record) == 56 and record[:4] == b"PK\x06\x06":
+                entries = struct.unpack("<Q", record[32:40])[0]
+        return entries
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,

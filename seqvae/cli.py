@@ -221,7 +221,12 @@ def cmd_viz(args, extra: list[str]) -> int:
         from .logs import read_metrics
 
         try:
-            records = read_metrics(run_dir if run_dir.is_dir() else run_dir.parent)
+            if run_dir.is_dir():
+                records = read_metrics(run_dir)
+            else:  # a checkpoint file: a shipped model carries its records; else its folder's files
+                from .checkpoint import load_checkpoint
+
+                records = load_checkpoint(run_dir).get("metrics") or read_metrics(run_dir.parent)
         except FileNotFoundError as err:
             raise CLIError(str(err)) from None
         viz.save_figure(viz.training_curves(records, title=run_dir.name), out)

@@ -29,6 +29,7 @@ import hashlib
 import io
 import os
 import pickle
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -185,12 +186,15 @@ def _verified(raw: bytes, gzipped: bool, spec: _Remote, where: Path) -> bytes:
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:
-    """A file's bytes, refused before reading when it is larger than `limit`."""
-    size = path.stat().st_size
-    if size > limit:
-        raise DataError(f"{path} holds {size:,} bytes where at most {limit:,} are expected: it is not the published file; "
+    """A regular file's bytes, refused when it is larger than `limit` (never more than limit + 1 read)."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise DataError(f"{path} is not a regular file; expected the published data file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DataError(f"{path} holds more than the {limit:,} bytes expected: it is not the published file; "
                         "delete it and download it again")
-    return path.read_bytes()
+    return data
 
 
 def _read_verified(path: Path, spec: _Remote) -> bytes:

@@ -143,6 +143,7 @@ def latent_usage(
     pooled_n, pooled_s, pooled_sq = 0, 0.0, 0.0
     rel_s, rel_sq = 0.0, 0.0
     noise = pooled_noise = rel_noise = None  # sums of the spread between paths
+    examples = 0
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
         batch = data.batch(index, torch.Generator().manual_seed(start))
@@ -174,6 +175,7 @@ def latent_usage(
         kl_sum[:steps] += kl.sum(0).cpu()  # kl_per_unit is already zero on padded steps
         count[:steps] += w.sum(0)[:, None].cpu()
         pooled_n += float(w.sum())
+        examples += x.shape[0]
         pooled_s = pooled_s + (mu * w[..., None]).sum((0, 1)).cpu()
         pooled_sq = pooled_sq + (mu.square() * w[..., None]).sum((0, 1)).cpu()
         rel_s = rel_s + (rel * w[..., None]).sum((0, 1)).cpu()
@@ -190,7 +192,8 @@ def latent_usage(
         pooled_noise = pooled_noise / pooled_n
         pooled_var, rel_var = pooled_var - pooled_noise, rel_var - rel_noise / pooled_n
         undecided_steps = _undecided(variance, noise, n[:, None], samples, threshold)
-        undecided_pooled = _undecided(pooled_var, pooled_noise, pooled_n, samples, threshold)
+        # steps of one sequence are not independent: the pooled error counts sequences, not steps
+        undecided_pooled = _undecided(pooled_var, pooled_noise, examples, samples, threshold)
     variance, pooled_var, rel_var = variance.clamp_min(0), pooled_var.clamp_min(0), rel_var.clamp_min(0)
     return LatentUsage(
         variance=variance.float(),

@@ -4,8 +4,9 @@
               shape (n, h, w) (grey) or (n, h, w, c) (c = 1, 3 or 4 channels), loaded with
               allow_pickle=False; sizes are checked from the zip directory before reading
     folder    subfolders `train/`, `valid/` (and optionally `test/`) of .png / .jpg / .jpeg
-              files (read with Pillow, in sorted name order); grey images (modes 1, L, I;16,
-              P without colour) give c = 1, colour images c = 3 (alpha dropped)
+              files (read with Pillow, in sorted name order); grey images (modes 1, L, LA,
+              16-bit I;16 scaled to 8 bits, P without colour) give c = 1, colour images c = 3
+              (alpha dropped); at most MAX_IMAGE_BYTES of pixels per split
 
 Every image of a data set has one size and one channel count (an error names the first
 file or array that differs). Returned as uint8 (n, c, h, w) with the values as stored;
@@ -82,15 +83,21 @@ def _read_folder(path: Path, split: str) -> np.ndarray:
         from PIL import Image
     except ImportError:
         raise DataError("reading a folder of images needs Pillow (pip install pillow)") from None
-    arrays, first = [], None
+    arrays, first, total = [], None, 0
     for file in files:
         try:
             with Image.open(file) as image:
-                image.draft(None, None)
-                grey = image.mode in ("1", "L", "I;16", "I", "F") or (image.mode == "P" and _palette_is_grey(image))
-                array = np.asarray(image.convert("L") if grey else image.convert("RGB"))
+                if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey: keep the top 8 bits
+                    array = (np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                elif image.mode in ("1", "L", "LA", "F") or (image.mode == "P" and _palette_is_grey(image)):
+                    array = np.asarray(image.convert("L"))
+                else:
+                    array = np.asarray(image.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{file} is not a readable image ({err})") from None
+        total += array.nbytes
+        if total > MAX_IMAGE_BYTES:
+            raise DataError(f"{folder} holds more than {MAX_IMAGE_BYTES:,} bytes of pixels, the most one split may have")
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         if first is None:
             first = (file, array.shape)

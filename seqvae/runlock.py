@@ -48,10 +48,21 @@ class RunLock:
         except OSError as err:
             os.close(fd)
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise RunBusy(f"run folder {self.path.parent} is in use by another trainer ({self.holder()}); wait for it "
-                              "to finish or stop it, then --resume") from None
+                holder = self.holder()
+                if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()},"):
+                    raise RunBusy(f"run folder {self.path.parent} is held by another Trainer of this process ({holder}); "
+                                  "call that trainer's close() (fit() closes it when it ends)") from None
+                raise RunBusy(f"run folder {self.path.parent} is in use by another trainer ({holder}); wait for it "
+                              "to finish or stop it first") from None
             raise RunBusy(f"cannot lock run folder {self.path.parent} ({err.strerror}); its file system may not support "
                           "flock: use a local runs folder") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the file was removed (by a trainer that failed to start) after we opened it: start again
+            os.close(fd)
+            return self.acquire()
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)

@@ -67,7 +67,7 @@ AMP = ("none", "bf16", "fp16")
 RESUMABLE = frozenset({
     "train.epochs", "train.lr", "train.lr_decay", "train.clip_grad", "train.patience", "train.time_limit",
     "train.log_every", "train.checkpoint_every", "train.samples", "train.samples_every", "train.progress",
-    "train.threads", "train.device", "train.max_nonfinite", "train.eval_k", "data.data_dir", "data.download",
+    "train.threads", "train.device", "train.max_nonfinite", "train.eval_k", "data.data_dir", "data.data_path", "data.download",
 })
 
 
@@ -200,11 +200,14 @@ class Trainer:
         try:
             self._setup(config, resume, checkpoint)
         except BaseException:  # a run that could not start leaves the folder free and as it found it
-            self._lock.release()
-            if self.main and new_lock:
+            if self.main and new_lock:  # (removed while still held, so no other trainer can have opened it)
                 self._lock.path.unlink(missing_ok=True)
-                if created and not any(self.run_dir.iterdir()):
-                    self.run_dir.rmdir()
+            self.close()
+            if self.main and created:
+                try:
+                    self.run_dir.rmdir()  # only if empty
+                except OSError:
+                    pass
             raise
 
     def _setup(self, config, resume: bool, checkpoint: Path) -> None:
@@ -223,8 +226,9 @@ class Trainer:
                 f"run folder {self.run_dir} already exists and is not empty; resume it with --resume or choose another --name"
             )
         if self.main:
-            for orphan in self.run_dir.glob(".*.tmp"):  # left by a kill in the middle of a save
-                orphan.unlink(missing_ok=True)
+            for name in ("checkpoint.pt", "best.pt", "config.json", "metrics.jsonl", "metrics.csv"):
+                for orphan in self.run_dir.glob(f".{name}.*.tmp"):  # left by a kill in the middle of a save
+                    orphan.unlink(missing_ok=True)
 
         seed_everything(tc.seed + self.rank)  # each rank draws its own noise
         dc = config.data
@@ -334,13 +338,16 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as err:
             raise TrainingError(f"the checkpoint in {self.run_dir} holds no readable config ({type(err).__name__}: {err})") from None
         now = _flatten(self.config.to_dict())
-        changes = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+        defaults = _flatten(type(self.config)(self.config.model_kind, type(self.config.model)()).to_dict())
+        # a key the checkpoint does not have (added to seqvae since) counts as its default
+        changes = {k: (saved.get(k, defaults.get(k)), now.get(k)) for k in sorted(set(saved) | set(now))
+                   if saved.get(k, defaults.get(k)) != now.get(k)}
         refused = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in changes.items() if k not in RESUMABLE]
         if refused:
             raise TrainingError(
                 f"cannot resume {self.run_dir} with a different {', '.join(refused)}: the checkpoint was trained with the "
-                "old value(s); on resume only train.epochs, lr, lr_decay, clip_grad, patience, time_limit, the logging "
-                "and device settings and data.data_dir may change; start a new run (--name) to change the rest"
+                f"old value(s); on resume only {', '.join(sorted(RESUMABLE))} may change; start a new run (--name) to "
+                "change the rest"
             )
         try:
             self.model.load_state_dict(payload["model"])
@@ -593,10 +600,10 @@ class Trainer:
 
         tc = self.config.train
         started = time.time()
-        batch = self.config.data.batch_size
+        per_step = self.config.data.batch_size  # examples per batch, over all processes
         bar = tqdm(
-            total=self.batches_per_epoch * batch, initial=self.position * batch, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
-            unit="ex", unit_scale=True, disable=None if (tc.progress and self.main) else True, leave=False, dynamic_ncols=True,
+            total=self.batches_per_epoch * per_step, initial=self.position * per_step, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
+            unit="ex", disable=None if (tc.progress and self.main) else True, leave=False, dynamic_ncols=True,
         )
         for position, batch in batches(
             self.train_data, self.local_batch, seed=tc.seed, epoch=self.epoch, start=self.position,
@@ -605,8 +612,8 @@ class Trainer:
             stats = self.train_batch(batch)
             self.position = position + 1
             self.running.append(stats["loss"])
-            bar.update(batch)
-            bar.set_postfix_str(self._shown_loss(stats["loss"]), refresh=False)
+            bar.update(per_step)
+            bar.set_postfix_str(self._shown_loss(stats["loss"]))
             if self.step % tc.log_every == 0:
                 finite = [v for v in self.running if math.isfinite(v)]
                 self._write_metrics({"kind": "train", "epoch": self.epoch, "step": self.step, "loss": float(np.mean(finite)) if finite else None, "grad_norm": stats["grad_norm"], "beta": self.config.objective.beta(self.step), "lr": self.optimizer.param_groups[0]["lr"], "nonfinite_total": self.nonfinite_total})

@@ -20,7 +20,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-__all__ = ["pretrained", "available", "pretrained_path", "export", "WEIGHTS", "PREFIX"]
+__all__ = ["pretrained", "load", "available", "pretrained_path", "export", "WEIGHTS", "PREFIX"]
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 PREFIX = "pretrained:"
@@ -53,18 +53,25 @@ def pretrained_path(name: str) -> Path:
 
 def pretrained(name: str, map_location: str = "cpu"):
     """A shipped model by name, in eval mode (see `available()` for the names)."""
+    return load(name, map_location)[1]
+
+
+def load(name: str, map_location: str = "cpu"):
+    """(run config, model in eval mode, payload) of a shipped model; payload["metrics"] holds
+    the records of the run that trained it (its metrics.jsonl), for training curves."""
     from .run import load_run
 
-    _, model, _ = load_run(pretrained_path(name), map_location=map_location)
-    return model
+    return load_run(pretrained_path(name), map_location=map_location)
 
 
 def export(run: str | os.PathLike, path: str | os.PathLike) -> str:
-    """Write a run's best model (config and weights only) to path; returns its sha256."""
+    """Write a run folder's best model (config and weights, no optimiser state) and its metric
+    records to path; returns the file's sha256."""
+    from .logs import read_metrics
+
     run = Path(run)
-    source = run / "best.pt" if run.is_dir() else run
-    payload = load_checkpoint(source)
+    payload = load_checkpoint(run / "best.pt")
     slim = {"format": 1, "config": payload["config"], "model": payload["model"], "epoch": payload.get("epoch"),
-            "step": payload.get("step")}
+            "step": payload.get("step"), "metrics": read_metrics(run)}
     save_checkpoint(path, slim)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from seqvae import checkpoint as C
-from seqvae.attention import filterbank
+from seqvae.attention import Filterbanks, filterbank
 from seqvae.cli import main
 from seqvae.configs import ConfigError
 from seqvae.data import DataError, ImageData, load_dataset, save_sequences
@@ -65,9 +65,9 @@ def one_line_error(capsys, argv) -> str:
 
 def test_a_second_trainer_on_a_live_run_is_refused_naming_the_holder(tmp_path, data_dir):
     first = Trainer(rnn_config(data_dir), tmp_path / "r", log=quiet)  # alive, holding the run
-    with pytest.raises(TrainingError, match=rf"in use by another trainer \(pid {os.getpid()} on "):
+    with pytest.raises(TrainingError, match=rf"held by another Trainer of this process \(pid {os.getpid()} on .*close\(\)"):
         Trainer(rnn_config(data_dir), tmp_path / "r", resume=True, log=quiet)
-    with pytest.raises(TrainingError, match="in use by another trainer"):
+    with pytest.raises(TrainingError, match="held by another Trainer"):
         Trainer(rnn_config(data_dir), tmp_path / "r", log=quiet)  # nor as a new run of that name
     first.fit()  # releases the folder when it ends
     again = Trainer(rnn_config(data_dir, "train.epochs=2"), tmp_path / "r", resume=True, log=quiet)
@@ -196,6 +196,26 @@ def test_checkpoints_over_the_size_limit_or_compressed_are_refused_unread(tmp_pa
         C.load_checkpoint(directory)
 
 
+def test_zip_directories_that_would_cost_memory_or_overlap_are_refused_unread(tmp_path):
+    import struct
+
+    path = tmp_path / "ok.pt"
+    C.save_checkpoint(path, {"w": torch.ones(1000), "v": torch.zeros(10)})
+    raw = bytearray(path.read_bytes())
+    at = raw.rfind(b"PK\x05\x06")
+    many = bytearray(raw)
+    many[at + 8 : at + 12] = struct.pack("<HH", 60000, 60000)  # a directory declaring 60,000 entries
+    (tmp_path / "many.pt").write_bytes(bytes(many))
+    with pytest.raises(C.CheckpointError, match="lists 60,000 zip entries"):
+        C.load_checkpoint(tmp_path / "many.pt")
+    central = raw.find(b"PK\x01\x02")  # the first entry of the central directory claims 10x the file
+    big = bytearray(raw)
+    big[central + 20 : central + 28] = struct.pack("<II", 10 * len(raw), 10 * len(raw))
+    (tmp_path / "big.pt").write_bytes(bytes(big))
+    with pytest.raises(C.CheckpointError, match="claim more bytes than the file holds"):
+        C.load_checkpoint(tmp_path / "big.pt")
+
+
 def test_a_gzip_bomb_in_the_data_root_stops_at_the_expected_size(tmp_path):
     folder = tmp_path / "binarized_mnist"
     folder.mkdir()
@@ -222,7 +242,7 @@ def test_a_data_file_far_larger_than_the_published_one_is_refused_unread(tmp_pat
     with open(big, "wb") as f:
         f.truncate(50_000_000)  # sparse: no disk used
     (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
-    with pytest.raises(DataError, match="bytes where at most"):
+    with pytest.raises(DataError, match="holds more than the 14,114 bytes expected"):
         from seqvae.datafiles import FILES, fetch
 
         fetch(tmp_path, [FILES[("mnist", "test-labels")]], download=False)
@@ -349,6 +369,16 @@ def test_the_filterbank_is_finite_for_any_finite_input():
                 f = filterbank(torch.tensor([center]), torch.tensor([delta]), sigma2, 5, 28)
                 assert torch.isfinite(f).all(), (log_sigma2, center, delta)
                 torch.testing.assert_close(f.sum(-1), torch.ones(1, 5))
+    # the heads DRAW runs (both axes at once, square and not): finite filters and gradients
+    for height, width in ((28, 28), (12, 20)):
+        heads = Filterbanks(height, width, 5)
+        for raw in [(0, 0, -95, 0, 0), (0, 0, -110, 0, 0), (1e20, 0, 0, 0, 0), (0, 0, 0, 100, 0), (0, 0, -50, 0, 0),
+                    (big, -big, 88, 88, 0), (0, 0, 1000, -1000, 1000), (0.3, -0.2, 1, 0.5, 0)]:
+            raw = torch.tensor([raw], dtype=torch.float32, requires_grad=True)
+            fy, fx, params = heads(raw)
+            assert torch.isfinite(fy).all() and torch.isfinite(fx).all(), raw
+            (fy.sum() + (fx * torch.linspace(0, 1, width)).sum() + params.gamma.sum()).backward()
+            assert torch.isfinite(raw.grad).all(), raw
     # a variance that underflowed to 0 gives one-hot filters on the nearest pixel, as the limit does
     f = filterbank(torch.tensor([10.2]), torch.tensor([1.0]), torch.tensor([-200.0]).exp(), 2, 28)
     assert f.argmax(-1).tolist() == [[9, 10]] and f.max() == 1  # means 9.7 and 10.7: pixels 10 and 11 (1-based)

@@ -13,9 +13,14 @@ def test_there_are_four_notebooks():
     assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path, data_dir, monkeypatch):
+RETRAIN = [p for p in NOTEBOOKS if p.stem.startswith("01")]  # the switch that trains instead of loading the shipped model
+
+
+@pytest.mark.parametrize("path, retrain", [(p, False) for p in NOTEBOOKS] + [(p, True) for p in RETRAIN],
+                         ids=[p.stem for p in NOTEBOOKS] + [p.stem + "-retrain" for p in RETRAIN])
+def test_notebook_runs(path, retrain, tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("SEQVAE_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("SEQVAE_NOTEBOOK_RETRAIN", "1" if retrain else "0")
     monkeypatch.setenv("SEQVAE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("SEQVAE_DATA", str(data_dir))
     monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -192,3 +192,13 @@ def test_eval_shows_progress_with_a_rate_and_time_left_on_a_terminal(tmp_path, d
     assert result.returncode == 0, result.stdout
     frames = result.stdout.replace("\r", "\n")
     assert "iwae k=20:" in frames and "sample/s" in frames and "160/160" in frames and "nats/step" in frames
+
+
+def test_training_shows_progress_on_a_terminal_with_examples_per_second_and_the_loss(tmp_path, data_dir):
+    env = {**os.environ, "SEQVAE_DATA": str(data_dir), "PYTHONPATH": str(REPO)}
+    command = (f"stty cols 150 rows 40; {sys.executable} -m seqvae train draw --preset quick --data.limit=256 "
+               f"--data.valid_limit=64 --train.threads=1 --runs-dir {tmp_path} --name bar")
+    result = subprocess.run(["script", "-qec", command, "/dev/null"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    frames = result.stdout.replace("\r", "\n")
+    assert "ex/s" in frames and "bits/dim)" in frames and "/256 [" in frames and "Traceback" not in frames
