@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .data import describe
+from .logs import progress_bar
 from .distributed import all_sum, rank_and_world
 from .objectives import bound, importance_log_likelihood
 from .sequences import mask_from_lengths
@@ -49,9 +50,7 @@ def evaluate(
     total, examples, steps = 0.0, 0, 0
     n = len(data)
     starts = list(range(0, n, batch_size))[rank::world]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=sum(min(batch_size, n - s) for s in starts) * k, unit="sample", unit_scale=True, leave=False,
+    bar = progress_bar(total=sum(min(batch_size, n - s) for s in starts) * k, unit="sample", unit_scale=True, leave=False,
                desc=f"{name} k={k}", disable=None if progress and rank == 0 else True, dynamic_ncols=True)
     for start in starts:
         index = torch.arange(start, min(start + batch_size, n))

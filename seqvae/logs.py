@@ -25,9 +25,20 @@ from typing import Any
 
 from .checkpoint import atomic_write_bytes
 
-__all__ = ["RunLog", "read_metrics", "COLUMNS"]
+__all__ = ["RunLog", "read_metrics", "COLUMNS", "progress_bar"]
 
 COLUMNS = ["kind", "epoch", "step", "loss", "grad_norm", "beta", "lr", "nonfinite_total", "seconds"]
+
+
+def progress_bar(**options):
+    """tqdm.auto's bar (a widget in Jupyter when ipywidgets is installed, text otherwise), without
+    its warning about a missing ipywidgets."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+    return tqdm(**options)
 
 
 class RunLog:

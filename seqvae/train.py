@@ -49,7 +49,7 @@ from .configs import ConfigError, check
 from .data import batches, check_splits_agree, dataset_info, load_dataset, num_batches
 from .distributed import all_sum, rank_and_world
 from .evaluate import evaluate
-from .logs import RunLog
+from .logs import RunLog, progress_bar
 from .models import get_model
 from .objectives import bound
 from .runlock import LOCK_NAME, RunBusy, RunLock
@@ -596,12 +596,10 @@ class Trainer:
         return f"loss {loss:.2f} nats ({loss / (dims * math.log(2)):.4f} bits/dim)"
 
     def _epoch(self) -> dict[str, float]:
-        from tqdm.auto import tqdm
-
         tc = self.config.train
         started = time.time()
         per_step = self.config.data.batch_size  # examples per batch, over all processes
-        bar = tqdm(
+        bar = progress_bar(
             total=self.batches_per_epoch * per_step, initial=self.position * per_step, desc=f"epoch {self.epoch + 1}/{tc.epochs}",
             unit="ex", disable=None if (tc.progress and self.main) else True, leave=False, dynamic_ncols=True,
         )
