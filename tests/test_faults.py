@@ -163,6 +163,16 @@ def test_a_config_value_of_the_wrong_type_in_config_json_is_one_line(tmp_path, d
     assert "train.lr" in err
 
 
+def test_a_huge_learning_rate_ends_with_one_line_and_no_nan_reported_as_a_metric(tmp_path, data_dir, capsys):
+    err = one_line_error(capsys, ["train", "draw", "--preset", "quick", "--data.limit=640", "--data.valid_limit=64",
+                                  "--train.lr=1e8", "--train.clip_grad=0", "--train.progress=false", "--train.threads=1",
+                                  "--data-dir", str(data_dir), "--runs-dir", str(tmp_path), "--name", "huge"])
+    assert "training diverged" in err or "no optimiser step had a finite loss" in err
+    records = [json.loads(l) for l in (tmp_path / "huge" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["kind"] == "valid"]
+    assert valid and all(r["valid_elbo"] is None and r["nonfinite"] == ["valid_elbo"] for r in valid)
+
+
 # ---------------------------------------------------------------------- sizes read from outside
 
 
