@@ -222,13 +222,18 @@ def _download_into(spec: _Remote, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         os.fchmod(fd, 0o644)
+        from .logs import progress_bar
+
         limit, received = spec.size + spec.size // 1000 + 4096, 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=60) as response:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=60) as response, \
+                progress_bar(total=int((getattr(response, "headers", None) or {}).get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                             desc=f"downloading {spec.name}", leave=False, disable=None) as bar:
             while chunk := response.read(1 << 20):
                 received += len(chunk)
                 if received > limit:
                     raise DataError(f"{spec.url} sent more than the expected {limit:,} bytes: not the published file")
                 out.write(chunk)
+                bar.update(len(chunk))
         _verified(Path(tmp).read_bytes(), spec.gzipped, spec, Path(spec.url))
         os.replace(tmp, dest)
     except BaseException:

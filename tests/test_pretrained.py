@@ -49,6 +49,15 @@ def test_pretrained_returns_the_model_and_the_cli_takes_pretrained_names(data_di
     assert "vrnn on jsb_chorales/test (4 examples)" in capsys.readouterr().out
 
 
+def test_viz_draws_the_glimpses_of_the_shipped_attention_model(tmp_path, data_dir):
+    out = tmp_path / "glimpses.png"
+    assert main(["viz", "pretrained:draw-attention", "--what", "glimpses", "--out", str(out), "--data-dir", str(data_dir)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 400
+    assert main(["viz", "pretrained:draw-attention", "--what", "curves", "--out", str(tmp_path / "curves.png")]) == 0
+
+
 def test_unknown_or_damaged_models_are_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(CheckpointError, match="no pretrained model 'nope': expected one of"):
         seqvae.pretrained("nope")

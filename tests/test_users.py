@@ -173,6 +173,17 @@ def test_fashion_mnist_is_a_named_set_with_its_checksums(tmp_path):
         load_dataset("fashion_mnist", "test", data_dir=tmp_path, download=False)  # the data root comes first
 
 
+def test_draw_trains_on_fashion_mnist_through_the_cli(tmp_path):
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed here (apt-get install dataset-fashion-mnist)")
+    code = main(["train", "draw", "--preset", "quick", "--data", "fashion_mnist", "--data.limit=640", "--data.valid_limit=64",
+                 "--train.samples=4", "--train.progress=false", "--data-dir", str(tmp_path / "nothing-here"),
+                 "--data.download=false", "--runs-dir", str(tmp_path / "runs"), "--name", "fashion"])
+    assert code == 0
+    records = [json.loads(l) for l in (tmp_path / "runs" / "fashion" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(records[-1]["valid_elbo"]) and records[-1]["valid_elbo"] < 0
+
+
 def test_fashion_mnist_files_are_registered_like_mnist():
     for part in ("train-images", "train-labels", "test-images", "test-labels"):
         spec, mnist = FILES[("fashion_mnist", part)], FILES[("mnist", part)]
