@@ -195,7 +195,7 @@ def _usage_lines(usage) -> str:
         kl = f"  KL: {usage.kl_total:.2f} nats per image; per step: " + " ".join(f"{v:.1f}" for v in usage.kl_per_step.tolist())
     undecided = int(usage.undecided.sum())
     paths = (f"  from {usage.samples} posterior paths per example, path noise removed"
-             + (f"; {undecided} undecided (their path noise exceeds the threshold: use more paths)" if undecided else "")
+             + (f"; {undecided} undecided (within two standard errors of the threshold: use more examples or paths)" if undecided else "")
              if usage.samples > 1 else "  from 1 posterior path per example (path noise not removed)")
     return head + "\n" + kl + "\n" + paths
 
