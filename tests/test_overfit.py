@@ -12,14 +12,19 @@ import seqvae
 from seqvae import data
 
 
-def _fit(model, x, steps, lr, **kw):
+def _fit(model, x, steps, lr, decay=False, **kw):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # decay: the rate falls linearly to 5% over the run. DRAW's loss on one batch still spikes
+    # now and then late in training at a constant rate (to 74 nats at step 600 in one run), and
+    # a test that reads the last step would measure where a spike falls, not what was learned.
+    schedule = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.05 if decay else 1.0, total_iters=steps)
     for _ in range(steps):
         loss = -seqvae.elbo(model, x, **kw).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
+        schedule.step()
     with torch.no_grad():
         return -seqvae.elbo(model, x, **kw).mean().item()
 
@@ -35,7 +40,7 @@ def test_draw_overfits_one_batch(data_dir, read):
     model = seqvae.DRAW(image_shape=(1, 28, 28), steps=8, hidden_size=128, z_size=16, read=read, read_size=5, write="none")
     with torch.no_grad():
         before = -seqvae.elbo(model, x).mean().item()
-    after = _fit(model, x, steps=600, lr=3e-3)
+    after = _fit(model, x, steps=600, lr=3e-3, decay=True)
     assert before > 400, before
     assert after < 25, (before, after)
 
