@@ -8,8 +8,10 @@
     tensorboard/   event files (scalars by name: train/loss, valid/valid_elbo, ...), written
                    when the `tensorboard` package is installed (`pip install seqvae[tensorboard]`)
 
-On resume, records after the checkpoint's step are dropped from the JSON and CSV files
-(they were written by the run that died) and TensorBoard purges them (purge_step).
+On resume, records written after the checkpoint are dropped from the JSON and CSV files
+(they were written by the run that died): the checkpoint stores how many records had been
+written (`records`), so the cut is exact even when a record shares the checkpoint's step;
+TensorBoard purges the steps after it (purge_step).
 `read_metrics(run_dir)` reads metrics.jsonl, else metrics.csv, for `seqvae viz --what curves`.
 """
 
@@ -49,6 +51,7 @@ class RunLog:
         self.columns = COLUMNS + [k for k in valid_keys if k not in COLUMNS] + ["nonfinite"]
         self._tensorboard = tensorboard
         self._writer = None
+        self.records = 0  # records written to metrics.jsonl so far (stored in checkpoints)
 
     @property
     def jsonl(self) -> Path:
@@ -65,6 +68,7 @@ class RunLog:
             shown = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(shown) + "\n")
+        self.records += 1
         new = not self.csv.exists() or self.csv.stat().st_size == 0
         with open(self.csv, "a", newline="") as f:
             if new:
@@ -108,26 +112,28 @@ class RunLog:
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
         return self._writer
 
-    def truncate(self, step: int) -> None:
-        """Drop records written after `step` (a killed run wrote them); rewrite the csv to match."""
+    def truncate(self, step: int, records: int | None = None) -> None:
+        """Keep the first `records` records (those the checkpoint had seen), or, for a checkpoint
+        that did not count them, those up to `step`; rewrite the csv to match."""
         if self._tensorboard:
             self._tb(purge_step=step + 1)
         if not self.jsonl.exists():
             self.csv.unlink(missing_ok=True)
             return
-        kept, records = [], []
+        kept, kept_records = [], []
         for line in self.jsonl.read_text().splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            if record.get("step", 0) <= step:
+            if (len(kept) < records) if records is not None else (record.get("step", 0) <= step):
                 kept.append(line)
-                records.append(record)
+                kept_records.append(record)
         atomic_write_bytes(self.jsonl, ("\n".join(kept) + "\n" if kept else "").encode())
         rows = "".join(self._row({k: (math.nan if k in r.get("nonfinite", []) else v) for k, v in r.items()},
-                                 list(r.get("nonfinite", []))) for r in records)
+                                 list(r.get("nonfinite", []))) for r in kept_records)
         atomic_write_bytes(self.csv, (self._header() + rows).encode())
+        self.records = len(kept)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -317,6 +317,7 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_row": self.nonfinite_in_row,
             "running": list(self.running),
+            "metrics_records": self.logs.records,  # records in metrics.jsonl when this was written
             "annealing": {"beta": self.config.objective.beta(self.step), "kl_warmup": self.config.objective.kl_warmup},
             "world_size": self.world,
             "rng": self._gather_rng(),
@@ -374,14 +375,14 @@ class Trainer:
         if "train.lr_decay" in changes:
             self.scheduler.gamma = tc.lr_decay
         if self.main:
-            self._truncate_metrics()
+            self._truncate_metrics(payload.get("metrics_records"))
             if changes:
                 self.log("resuming with " + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
         return changes
 
-    def _truncate_metrics(self) -> None:
+    def _truncate_metrics(self, records: int | None) -> None:
         """Drop metric records written after the checkpoint (a killed run wrote them)."""
-        self.logs.truncate(self.step)
+        self.logs.truncate(self.step, records)
 
     @staticmethod
     def _valid_keys(config) -> list[str]:

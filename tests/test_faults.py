@@ -147,6 +147,18 @@ def test_resume_applies_and_records_the_allowed_changes_and_config_and_checkpoin
     assert trainer.epoch == 2
 
 
+def test_records_written_after_the_checkpoint_at_its_own_step_are_dropped_on_resume(tmp_path, data_dir):
+    Trainer(rnn_config(data_dir), tmp_path / "r", log=quiet).fit()
+    kept = (tmp_path / "r" / "metrics.jsonl").read_text()
+    step = C.load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"]
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # what a run killed after a skipped (non-finite) step leaves
+        f.write(json.dumps({"kind": "train", "epoch": 1, "step": step, "loss": None, "nonfinite_total": 1}) + "\n")
+    trainer = Trainer(rnn_config(data_dir, "train.epochs=2"), tmp_path / "r", resume=True, log=quiet)
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == kept  # cut at the checkpoint's record, not its step
+    assert len((tmp_path / "r" / "metrics.csv").read_text().splitlines()) == len(kept.splitlines()) + 1  # + header
+    trainer.fit()
+
+
 def test_the_resumable_keys_are_real_config_keys(data_dir):
     flat = {f"{s}.{k}" for s, v in rnn_config(data_dir).to_dict().items() if isinstance(v, dict) for k in v}
     assert RESUMABLE <= flat  # no typo hides a key the policy meant to allow
