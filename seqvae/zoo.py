@@ -4,8 +4,8 @@
     seqvae.zoo.available()                    name -> what it is, how it was trained, its scores
     seqvae eval pretrained:draw-attention     the CLI takes pretrained:NAME wherever it takes a run
 
-Each model is a slim checkpoint (the run config as JSON and the model's weights: no
-optimiser state) in seqvae/weights/, listed in seqvae/weights/manifest.json with its sha256,
+Each model is a slim checkpoint (the run config as JSON and the model's weights in float16:
+no optimiser state) in seqvae/weights/, listed in seqvae/weights/manifest.json with its sha256,
 which is checked before the file is loaded (with torch.load(weights_only=True), like every
 checkpoint). `export(run, path)` writes such a file from a run's best.pt.
 """
@@ -66,12 +66,15 @@ def load(name: str, map_location: str = "cpu"):
 
 def export(run: str | os.PathLike, path: str | os.PathLike) -> str:
     """Write a run folder's best model (config and weights, no optimiser state) and its metric
-    records to path; returns the file's sha256."""
+    records to path; returns the file's sha256. Floating-point weights are stored in float16
+    (half the bytes; loading casts them back to the model's dtype), so the scores of a shipped
+    model are those of its float16-rounded weights, measured after export."""
     from .logs import read_metrics
 
     run = Path(run)
     payload = load_checkpoint(run / "best.pt")
-    slim = {"format": 1, "config": payload["config"], "model": payload["model"], "epoch": payload.get("epoch"),
-            "step": payload.get("step"), "metrics": read_metrics(run)}
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
+    slim = {"format": 1, "config": payload["config"], "model": weights, "epoch": payload.get("epoch"),
+            "step": payload.get("step"), "metrics": read_metrics(run), "weights_dtype": "float16"}
     save_checkpoint(path, slim)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

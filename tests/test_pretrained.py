@@ -24,7 +24,7 @@ def test_the_three_models_are_shipped_small_and_documented():
     assert sorted(models) == sorted(SHIPPED)
     for name, entry in models.items():
         path = zoo.WEIGHTS / entry["file"]
-        assert path.stat().st_size <= 4 * 2**20, f"{name} is over 4 MB"
+        assert path.stat().st_size <= 2 * 2**20, f"{name} is over 2 MB"
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
         assert entry["command"].startswith("seqvae train ") and entry["scores"]
 
