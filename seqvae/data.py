@@ -320,8 +320,7 @@ def dataset_info(dc: DataConfig, data: "ImageData | SequenceData | None" = None)
     if data is None and (shape is None or binary is None):
         data = load_dataset(dc.name, "train", data_dir=dc.data_dir, data_path=dc.data_path, download=dc.download)
     if data is not None:
-        shape = data.image_shape if data.kind == "images" else (data.x_dim,)
-        binary = data.binary
+        shape, binary = describe(data).shape, data.binary
         if data.kind == "sequences" and length is None:
             length = int(data.lengths.float().median())
     display = spec.display or ("piano" if binary else "lines")
@@ -351,13 +350,11 @@ def describe(data: "ImageData | SequenceData") -> DataInfo:
 
 def check_splits_agree(first: "ImageData | SequenceData", second: "ImageData | SequenceData") -> None:
     """Two splits of one data set hold examples of one shape (raises DataError naming both)."""
-    def shape(data):
-        return tuple(data.image_shape) if data.kind == "images" else (data.x_dim,)
-
-    if first.kind != second.kind or shape(first) != shape(second):
-        what = "features per step" if first.kind == "sequences" else "image shape (c, h, w)"
-        raise DataError(f"the splits disagree: {first.name} has {what} {shape(first)} but {second.name} has "
-                        f"{shape(second)}; every split of a data set needs the same")
+    a, b = describe(first), describe(second)
+    if a.kind != b.kind or a.shape != b.shape:
+        what = "features per step" if a.kind == "sequences" else "image shape (c, h, w)"
+        raise DataError(f"the splits disagree: {a.name} has {what} {a.shape} but {b.name} has {b.shape}; "
+                        "every split of a data set needs the same")
 
 
 # ---------------------------------------------------------------------------- batches
