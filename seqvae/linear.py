@@ -48,6 +48,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
+from .gemm import affine, linear
+
 __all__ = ["Affine", "StepLinear", "BlockLinear", "unrolled", "BATCH_MIN_WEIGHTS"]
 
 BATCH_MIN_WEIGHTS = 1 << 18  # batch the gradient of weights with at least this many elements
@@ -79,13 +81,14 @@ class _StepAffine(Function):
         ctx.save_for_backward(x, weight)
         ctx.stash = stash
         ctx.has_extra = extra is not None
-        return torch.addmm(bias if extra is None else extra + bias, x, weight.t())
+        y = affine(x, weight, bias)  # the kernel measured fastest for this shape (gemm.py)
+        return y if extra is None else y.add_(extra)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
         ctx.stash.append((x, g))
-        gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None  # autocast may have run forward in bf16
+        gx = affine(g, weight.to(g.dtype).t()) if ctx.needs_input_grad[0] else None  # autocast may have run forward in bf16
         return gx, None, None, (g if ctx.has_extra else None), None
 
 
@@ -138,7 +141,7 @@ class StepLinear(nn.Module):
             if self._affine is not None:
                 return self._affine(x, extra)
             return torch.addmm(self.bias if extra is None else extra + self.bias, x, self.weight.t())
-        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # batched over steps: measured kernels for large products
         return y if extra is None else y + extra
 
     def extra_repr(self) -> str:
@@ -165,7 +168,7 @@ class BlockLinear(StepLinear):
         w = self._block_weights[i] if self._block_weights is not None else self.weight[:, self._slices[i]]
         if x.dim() == 2:
             return torch.addmm(self.bias, x, w.t()) if bias else x @ w.t()
-        return torch.nn.functional.linear(x, w, self.bias if bias else None)
+        return linear(x, w, self.bias if bias else None)
 
     def extra_repr(self) -> str:
         return f"in_sizes={self.in_sizes}, out_features={self.out_features}"

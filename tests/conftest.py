@@ -30,6 +30,14 @@ def data_dir() -> Path:
     return found
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _gemm_cache(tmp_path_factory):
+    """Kernel choices (seqvae/gemm.py) go to a folder of this session, not the user's ~/.cache;
+    subprocesses (the CLI tests) inherit it, so that every process of the session agrees."""
+    os.environ["SEQVAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("seqvae-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -1,0 +1,124 @@
+"""Measured matrix-product kernels (seqvae/gemm.py): every kernel gives x W^T + b, choices are
+measured once and kept, and the models' gradients equal plain autograd's whatever is chosen."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import seqvae
+from seqvae import gemm
+
+KERNELS = [k for k in gemm.KERNELS if k != "onednn" or gemm._onednn_ok()]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_kernel_computes_the_affine_map(kernel, bias):
+    x = torch.randn(gemm.ROWS + 300, 37)  # more rows than one block of "rows"
+    w = torch.randn(23, 37)
+    b = torch.randn(23) if bias else None
+    expected = x.double() @ w.double().t() + (b.double() if bias else 0)
+    assert _rel(gemm._run(kernel, x, w, b).double(), expected) < 1e-6
+    # a transposed (strided) weight, as the backward passes it
+    w_t = torch.randn(37, 23).t()
+    assert _rel(gemm._run(kernel, x, w_t, b).double(), x.double() @ w_t.double().t() + (b.double() if bias else 0)) < 1e-6
+
+
+def test_small_products_and_other_dtypes_use_aten_without_measuring(monkeypatch):
+    monkeypatch.setattr(gemm, "_measure", lambda *a: pytest.fail("measured a product below MEASURE_MIN"))
+    assert gemm.choose(torch.randn(64, 100), torch.randn(100, 100)) == "aten"
+    big_x, big_w = torch.randn(4096, 100, dtype=torch.float64), torch.randn(100, 100, dtype=torch.float64)
+    assert gemm.choose(big_x, big_w) == "aten"
+
+
+def test_a_choice_is_measured_once_and_stored_for_other_processes(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEQVAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SEQVAE_GEMM", raising=False)
+    monkeypatch.setattr(gemm, "_choices", None)
+    calls = []
+
+    def fake_measure(x, w, b):
+        calls.append(tuple(x.shape))
+        return "rows"
+
+    monkeypatch.setattr(gemm, "_measure", fake_measure)
+    x, w = torch.randn(3000, 100), torch.randn(100, 100)
+    assert gemm.choose(x, w) == "rows" and gemm.choose(x, w) == "rows"
+    assert calls == [(3000, 100)]
+    stored = json.loads((tmp_path / "gemm.json").read_text())
+    assert list(stored["choices"].values()) == ["rows"] and stored["machine"] == gemm._machine()
+    monkeypatch.setattr(gemm, "_choices", None)  # a new process reads the file instead of measuring
+    assert gemm.choose(torch.randn(2100, 100), w) == "rows" and len(calls) == 1  # 2100 rows round up to 4096 as 3000 do
+    (tmp_path / "gemm.json").write_text("{not json")  # a damaged file is ignored, not fatal
+    monkeypatch.setattr(gemm, "_choices", None)
+    assert gemm.choose(x, w) == "rows" and len(calls) == 2
+
+
+def test_forced_kernel_and_fallback_without_onednn(monkeypatch):
+    x, w = torch.randn(3000, 100), torch.randn(100, 100)
+    monkeypatch.setenv("SEQVAE_GEMM", "rows")
+    assert gemm.choose(x, w) == "rows"
+    monkeypatch.setenv("SEQVAE_GEMM", "onednn")
+    monkeypatch.setattr(gemm, "_onednn_ok", lambda: False)
+    assert gemm.choose(x, w) == "aten"
+    monkeypatch.setenv("SEQVAE_GEMM", "")
+    monkeypatch.setattr(gemm, "_choices", {})
+    monkeypatch.setenv("SEQVAE_CACHE_DIR", "/proc/no-such-dir")  # unwritable: measured, not stored, no error
+    assert gemm._measure(x, w, None) in ("aten", "rows")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_linear_gradients_equal_plain_autograd(kernel, monkeypatch):
+    monkeypatch.setenv("SEQVAE_GEMM", kernel)
+    x = torch.randn(40, 64, 100, dtype=torch.float64)
+    w = torch.randn(300, 100, dtype=torch.float64) / 10
+    b = torch.randn(300, dtype=torch.float64)
+    g = torch.randn(40, 64, 300, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    ours = [t.float().requires_grad_() for t in (x, w, b)]
+    torch.autograd.backward(torch.nn.functional.linear(*ref), g)
+    y = gemm.linear(*ours)
+    torch.autograd.backward(y, g.float())
+    assert _rel(y.double(), torch.nn.functional.linear(x, w, b)) < 1e-6
+    for a, r in zip(ours, ref):
+        assert _rel(a.grad.double(), r.grad) < 1e-5
+
+
+def _grads(model, x, loss):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss(model, x).backward()
+    return {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["draw", "vrnn"])
+def test_model_gradients_equal_plain_autograd_with_any_kernel(kind, kernel, monkeypatch):
+    """The fast path (measured kernels forward and backward, batched weight gradients) against
+    the same model run with torch.nn.functional.linear and per-step autograd everywhere."""
+    torch.manual_seed(0)
+    if kind == "draw":  # per-step products 64 x 562 x 1024: above MEASURE_MIN
+        model = seqvae.DRAW(steps=3, hidden_size=256, z_size=100, read_size=5, write_size=5)
+        x = (torch.rand(64, 1, 28, 28) > 0.5).float()
+    else:  # sequence-long products (32 x 64 = 2048 rows) x 100 x 100
+        model = seqvae.VRNN(x_dim=88, hidden_size=100, z_size=16)
+        x = (torch.rand(32, 64, 88) > 0.5).float()
+
+    def loss(m, data):
+        return -seqvae.elbo(m, data).sum()
+
+    monkeypatch.setenv("SEQVAE_GEMM", kernel)
+    fast = _grads(model, x, loss)
+    monkeypatch.setattr(gemm, "MEASURE_MIN", float("inf"))  # plain F.linear / addmm ...
+    monkeypatch.setattr(seqvae.linear, "BATCH_MIN_WEIGHTS", float("inf"))  # ... and per-step weight gradients
+    plain = _grads(model, x, loss)
+    assert fast.keys() == plain.keys()
+    for name in plain:
+        assert _rel(fast[name], plain[name]) < 1e-5, name
