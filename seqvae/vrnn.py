@@ -313,7 +313,9 @@ class VRNN(SequenceModel):
 
     def score(self, x: Tensor, outs: VRNNStep, state: Any = None) -> Terms:
         """log p(x_t | z_t, h_{t-1}), q and p for x (b, t, x), the decoder and prior batched over t."""
-        output = self.head(self.decoder(torch.cat([outs.fz, outs.h], dim=-1)))  # batch (b, t)
+        # the decoder's first layer as two products, phi_z part and h part: no (b, t, f + d) copy
+        first = self.decoder.project(0, outs.fz, bias=True) + self.decoder.project(1, outs.h)
+        output = self.head(self.decoder.finish(first))  # batch (b, t)
         posterior = diagonal_normal(outs.loc, outs.scale)
         return Terms(output.log_prob(x), posterior, self.prior(outs.h), outs.z, output=output)
 
