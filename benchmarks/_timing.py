@@ -40,3 +40,56 @@ def summary(times: list[float]) -> str:
     ms = sorted(t * 1e3 for t in times)
     q1, q3 = ms[len(ms) // 4], ms[(3 * len(ms)) // 4]
     return f"median {statistics.median(ms):8.1f} ms   (IQR {q1:.1f}-{q3:.1f}, min {ms[0]:.1f}, n={len(ms)})"
+
+
+def step_flops(fn) -> float:
+    """Floating-point operations of one call of fn, counted over the matrix products (mm, addmm,
+    bmm, ...) of its forward and backward by torch.utils.flop_counter, with ATen's kernels forced
+    (the counter does not see oneDNN's)."""
+    import os
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    previous = os.environ.get("SEQVAE_GEMM")
+    os.environ["SEQVAE_GEMM"] = "aten"
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        if previous is None:
+            os.environ.pop("SEQVAE_GEMM")
+        else:
+            os.environ["SEQVAE_GEMM"] = previous
+    return float(counter.get_total_flops())
+
+
+def gemm_peak(device: torch.device, size: int = 1024, repeats: int = 5) -> tuple[float, str]:
+    """The best float32 matrix-product rate (FLOP/s) this machine reaches, measured here on
+    size^3 products with each kernel seqvae can choose (gemm.py), and that kernel's name."""
+    from seqvae import gemm
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    kernels = ["aten"] if device.type != "cpu" else [k for k in gemm.KERNELS if k != "onednn" or gemm._onednn_ok()]
+    best = (0.0, "aten")
+    for kernel in kernels:
+        times = time_calls(lambda: gemm._run(kernel, a, b, None), device=device, warmup=1, repeats=repeats)
+        best = max(best, (2 * size**3 / min(times), kernel))
+    return best
+
+
+def flop_report(flops: float, seconds: float, peak: tuple[float, str]) -> str:
+    rate = flops / seconds
+    return (f"{flops / 1e9:.1f} GFLOP per step in matrix products, {rate / 1e9:.0f} GFLOP/s = "
+            f"{100 * rate / peak[0]:.0f}% of the measured peak ({peak[0] / 1e9:.0f} GFLOP/s, {peak[1]}; "
+            f"the products alone at that rate: {1e3 * flops / peak[0]:.0f} ms)")
+
+
+def memory(device: torch.device) -> str:
+    """', peak N MB' on CUDA (since the last reset); on a CPU see bench_peers.py --memory, which
+    runs each step in a fresh process (a process's peak resident memory cannot be reset here)."""
+    if device.type != "cuda":
+        return ""
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return f", peak {peak:.0f} MB"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine, summary, time_calls  # noqa: E402
+from _timing import flop_report, gemm_peak, machine, memory, step_flops, summary, time_calls  # noqa: E402
 
 import seqvae  # noqa: E402
 
@@ -47,12 +47,15 @@ def main(argv=None) -> int:
     print("DRAW training step (forward + backward, ELBO): batch 64, 28x28, LSTM 256, z 100, read/write filterbank N=5")
     for device in devices:
         print(f"device: {machine(device)}")
+        peak = gemm_peak(device)
         for steps in args.steps:
             torch.manual_seed(0)
             model = seqvae.DRAW(steps=steps, hidden_size=256, z_size=100, read="filterbank", write="filterbank", read_size=5, write_size=5).to(device)
             x = (torch.rand(64, 1, 28, 28, device=device) > 0.5).float()
-            times = time_calls(step_fn(model, x), device=device, warmup=args.warmup, repeats=args.repeats)
-            print(f"  T={steps:<3d} {summary(times)}")
+            fn = step_fn(model, x)
+            times = time_calls(fn, device=device, warmup=args.warmup, repeats=args.repeats)
+            print(f"  T={steps:<3d} {summary(times)}{memory(device)}")
+            print(f"        {flop_report(step_flops(fn), sorted(times)[len(times) // 2], peak)}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine, summary, time_calls  # noqa: E402
+from _timing import flop_report, gemm_peak, machine, memory, step_flops, summary, time_calls  # noqa: E402
 
 import seqvae  # noqa: E402
 
@@ -47,13 +47,16 @@ def main(argv=None) -> int:
     print(f"VRNN training step (forward + backward, ELBO): batch 128, hidden 100, z 16, {args.cell.upper()}, Bernoulli output")
     for device in devices:
         print(f"device: {machine(device)}")
+        peak = gemm_peak(device)
         for steps, x_dim in ((28, 28), (500, 88)):
             torch.manual_seed(0)
             model = seqvae.VRNN(x_dim=x_dim, hidden_size=100, z_size=16, cell=args.cell, output="bernoulli").to(device)
             x = (torch.rand(128, steps, x_dim, device=device) > 0.5).float()
             repeats = args.repeats if steps < 100 or device.type == "cuda" else max(3, args.repeats // 2)
-            times = time_calls(step_fn(model, x), device=device, warmup=args.warmup, repeats=repeats)
-            print(f"  T={steps:<3d} x_dim={x_dim:<3d} {summary(times)}")
+            fn = step_fn(model, x)
+            times = time_calls(fn, device=device, warmup=args.warmup, repeats=repeats)
+            print(f"  T={steps:<3d} x_dim={x_dim:<3d} {summary(times)}{memory(device)}")
+            print(f"        {flop_report(step_flops(fn), sorted(times)[len(times) // 2], peak)}")
     return 0
 
 
