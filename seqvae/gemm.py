@@ -20,7 +20,8 @@ shape (rows rounded up to a power of two), memory layout, number of threads and 
 stored in a JSON file (`cache_path()`: $SEQVAE_CACHE_DIR or ~/.cache/seqvae), so that every
 process on a machine uses the same kernels and results stay reproducible from one process to
 the next (different kernels add in different orders: results differ in the last bits). Below
-MEASURE_MIN, off the CPU, or for other dtypes ATen's kernel is used and nothing is measured.
+MEASURE_MIN, off the CPU, for other dtypes or under autocast, ATen's kernel is used and
+nothing is measured.
 `SEQVAE_GEMM=aten` (or onednn, rows) forces one kernel wherever it applies.
 `linear(x, weight, bias)` is the autograd-aware form, for inputs with leading dimensions.
 """
@@ -140,7 +141,8 @@ def choose(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
     forced = os.environ.get("SEQVAE_GEMM", "")
     m, k = x.shape
     n = weight.shape[0]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or m * k * n < MEASURE_MIN:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or m * k * n < MEASURE_MIN
+            or torch.is_autocast_enabled("cpu")):  # under autocast ATen's product runs in bfloat16
         return "aten"
     if forced in KERNELS:
         return "aten" if forced == "onednn" and not _onednn_ok() else forced
@@ -182,6 +184,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     large float32 CPU products (forward and the input's gradient); ATen's elsewhere."""
     rows = x.numel() // max(x.shape[-1], 1)
     large = rows * weight.shape[0] * weight.shape[1] >= MEASURE_MIN
-    if not large or x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+    if (not large or x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu")):
         return torch.nn.functional.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)
