@@ -197,8 +197,8 @@ def main(argv=None) -> int:
         for name, ms in medians.items():
             line = f"  {name:<26s} median {ms:8.1f} ms  (min {min(times[name]) * 1e3:.1f}, n={len(times[name])})"
             if args.memory:
-                peak, faults = memory(key, name, sys.argv[1:] if argv is None else argv)
-                line += f"  peak memory +{peak:.0f} MB, {faults} page faults per step"
+                rss, faults = memory(key, name, sys.argv[1:] if argv is None else argv)
+                line += f"  peak memory +{rss:.0f} MB, {faults} page faults per step"
             print(line)
             print(f"    {flop_report(step_flops(fns[name]), ms / 1e3, peak)}")
         names = list(medians)
