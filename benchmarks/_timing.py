@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 
@@ -12,13 +11,9 @@ import torch
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    from seqvae.gemm import cpu_name
+
+    return f"{cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
 
 
 def time_calls(fn, *, device: torch.device, warmup: int, repeats: int) -> list[float]:

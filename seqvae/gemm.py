@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["affine", "linear", "choose", "KERNELS", "MEASURE_MIN", "cache_path"]
+__all__ = ["affine", "linear", "choose", "KERNELS", "MEASURE_MIN", "cache_path", "cpu_name"]
 
 KERNELS = ("aten", "onednn", "rows")
 MEASURE_MIN = 1 << 24  # multiply-adds (m k n): smaller products always use ATen's kernel
@@ -77,14 +77,17 @@ def cache_path() -> Path:
     return Path(root) / "gemm.json"
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return f"{cpu}|{os.cpu_count()}|torch {torch.__version__}"
+        return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+    return f"{cpu_name()}|{os.cpu_count()}|torch {torch.__version__}"
 
 
 def _load() -> dict[str, str]:
