@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,11 @@ def image_grid(images: Tensor, *, nrow: int | None = None, title: str | None = N
     """A figure of images (n, c, h, w) in [0, 1] tiled in a grid (grey for one channel)."""
     arr = grid_array(images, nrow)
     h, w = arr.shape[:2]
-    fig = _figure(max(2.0, w / 28 * scale), max(2.0, h / 28 * scale) + (0.3 if title else 0))
+    width = max(2.0, w / 28 * scale)
+    # a title wider than a small grid is wrapped (about 13 characters per inch at 9 points), not cut off
+    title = textwrap.fill(title, width=max(16, int(width * 13))) if title else None
+    lines = title.count("\n") + 1 if title else 0
+    fig = _figure(width, max(2.0, h / 28 * scale) + 0.3 * lines)
     ax = fig.add_subplot()
     ax.imshow(arr[..., 0] if arr.shape[2] == 1 else arr, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
@@ -185,8 +190,6 @@ def save_gif(frames: list, path: str | os.PathLike, *, title: str | None = None,
 def _with_header(image, text: str, image_draw):
     """The image below a white strip holding `text` (PIL's built-in font, wrapped to the width)."""
     from PIL import Image
-
-    import textwrap
 
     lines = textwrap.wrap(text, max(8, image.width // 6), break_long_words=True) or [""]
     out = Image.new("RGB", (image.width, image.height + 12 * len(lines) + 4), "white")

@@ -91,3 +91,16 @@ def test_latent_and_sequence_figures(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in records))
     viz.save_figure(viz.training_curves(path), tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_a_long_title_over_a_small_grid_is_wrapped_not_cut():
+    """16 samples make a 2-inch grid; 'DRAW (T=8, read none, write none) samples' (41 characters) was
+    drawn on one line wider than the figure and cut at both ends."""
+    title = "DRAW (T=8, read none, write none) samples"
+    fig = viz.image_grid(torch.rand(16, 1, 28, 28), title=title)
+    shown = fig.axes[0].get_title()
+    assert "\n" in shown and shown.replace("\n", " ") == title
+    width_px = fig.get_size_inches()[0] * fig.dpi
+    fig.canvas.draw()
+    extent = fig.axes[0].title.get_window_extent()
+    assert extent.x0 >= 0 and extent.x1 <= width_px  # the whole title lies inside the figure
