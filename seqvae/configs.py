@@ -187,8 +187,8 @@ def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
     out = []
     for f in dataclasses.fields(cls):
         found = re.search(rf"^\s+{f.name}\s*:[^\n]*?#\s*(.+?)\s*$", source, re.M)
-        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name])
-        kind = str(hints[f.name]).replace("typing.", "") if "|" in str(hints[f.name]) or "[" in str(hints[f.name]) else kind
+        hint = hints[f.name]  # int -> "int"; int | None -> "int | None"
+        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         out.append((f.name, kind, "none" if default is None else str(default), found.group(1) if found else ""))

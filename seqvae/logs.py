@@ -120,18 +120,11 @@ class RunLog:
         if not self.jsonl.exists():
             self.csv.unlink(missing_ok=True)
             return
-        kept, kept_records = [], []
-        for line in self.jsonl.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if (len(kept) < records) if records is not None else (record.get("step", 0) <= step):
-                kept.append(line)
-                kept_records.append(record)
-        atomic_write_bytes(self.jsonl, ("\n".join(kept) + "\n" if kept else "").encode())
+        kept = _read_jsonl(self.jsonl)
+        kept = kept[:records] if records is not None else [r for r in kept if r.get("step", 0) <= step]
+        atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept).encode())
         rows = "".join(self._row({k: (math.nan if k in r.get("nonfinite", []) else v) for k, v in r.items()},
-                                 list(r.get("nonfinite", []))) for r in kept_records)
+                                 list(r.get("nonfinite", []))) for r in kept)
         atomic_write_bytes(self.csv, (self._header() + rows).encode())
         self.records = len(kept)
 
@@ -145,17 +138,22 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """A run's records from metrics.jsonl, else metrics.csv (numbers parsed, empty cells dropped)."""
     run_dir = Path(run_dir)
     if (run_dir / "metrics.jsonl").exists():
-        records = []
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
+        return _read_jsonl(run_dir / "metrics.jsonl")
     if (run_dir / "metrics.csv").exists():
         with open(run_dir / "metrics.csv", newline="") as f:
             return [{k: _number(v) for k, v in row.items() if v not in ("", None) and k != "nonfinite"} for row in csv.DictReader(f)]
     raise FileNotFoundError(f"{run_dir} holds neither metrics.jsonl nor metrics.csv: training curves need a run folder")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, skipping a line cut short by a kill."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _number(text: str):

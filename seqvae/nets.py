@@ -54,6 +54,11 @@ class MLPHead(nn.Module):
         """Input i's contribution to the first layer's pre-activation (with its bias if bias=True)."""
         return self.layers[0].block(i, x, bias=bias)
 
+    def over(self, *inputs: Tensor) -> Tensor:
+        """The network on its inputs given one tensor each, (..., in_sizes[i]): forward(cat(inputs))
+        without the concatenated copy (for inputs batched over every step, a sizeable one)."""
+        return self.finish(sum(self.project(i, x, bias=i == 0) for i, x in enumerate(inputs)))
+
     def finish(self, first: Tensor) -> Tensor:
         """The rest of the network given the first layer's pre-activation."""
         x = first

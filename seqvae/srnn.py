@@ -172,7 +172,7 @@ class SRNN(SequenceModel):
         if inputs is None:
             loc, scale = prior_loc, prior_scale
             z = torch.addcmul(loc, scale, torch.randn_like(loc))
-            params = self.decoder(torch.cat([z, d], dim=-1))
+            params = self.decoder.over(z, d)
             x = self.head(params).sample()
             return SRNNStep(z, loc, scale, prior_loc, prior_scale, d, x, params), SRNNState(z.to(state.z.dtype), d, c, x)
         correction, scale = self.posterior_net.finish(inputs.posterior_a + self.posterior_net.project(0, state.z))
@@ -183,7 +183,7 @@ class SRNN(SequenceModel):
 
     def score(self, x: Tensor, outs: SRNNStep, state: Any = None) -> Terms:
         """log p(x_t | z_t, d_t), q and p per step; the decoder batched over all steps."""
-        output = self.head(self.decoder(torch.cat([outs.z, outs.d], dim=-1)))  # batch (b, t)
+        output = self.head(self.decoder.over(outs.z, outs.d))  # batch (b, t)
         posterior = diagonal_normal(outs.loc, outs.scale)
         prior = diagonal_normal(outs.prior_loc, outs.prior_scale)
         return Terms(output.log_prob(x), posterior, prior, outs.z, output=output)

@@ -375,14 +375,10 @@ class Trainer:
         if "train.lr_decay" in changes:
             self.scheduler.gamma = tc.lr_decay
         if self.main:
-            self._truncate_metrics(payload.get("metrics_records"))
+            self.logs.truncate(self.step, payload.get("metrics_records"))  # drop records a killed run wrote after it
             if changes:
                 self.log("resuming with " + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
         return changes
-
-    def _truncate_metrics(self, records: int | None) -> None:
-        """Drop metric records written after the checkpoint (a killed run wrote them)."""
-        self.logs.truncate(self.step, records)
 
     @staticmethod
     def _valid_keys(config) -> list[str]:

@@ -85,8 +85,6 @@ def draw_view(what: str, model, spec, config, load_split, out: Path, *, n: int =
     if midi is not None:
         if what != "sequences":
             raise ViewError("--midi writes reconstructions of sequences: use it with --what sequences")
-        from .data import dataset_info
-
         _check_midi(model_data_info(config.data, config.model))  # before any work
     if what not in spec.views:
         offered = ", ".join([*spec.views, "curves"])

@@ -298,7 +298,7 @@ class VRNN(SequenceModel):
             z = prior.sample()
             loc, scale = prior.base_dist.loc, prior.base_dist.scale
             fz = self.phi_z(z)
-            params = self.decoder(torch.cat([fz, h], dim=-1))
+            params = self.decoder.over(fz, h)
             x = self.head(params).sample()
             cell_x = self.cell.input_gates(0, self.phi_x(x), bias=True)
             out = VRNNStep(h, z, fz, loc, scale, x, params)
@@ -313,9 +313,7 @@ class VRNN(SequenceModel):
 
     def score(self, x: Tensor, outs: VRNNStep, state: Any = None) -> Terms:
         """log p(x_t | z_t, h_{t-1}), q and p for x (b, t, x), the decoder and prior batched over t."""
-        # the decoder's first layer as two products, phi_z part and h part: no (b, t, f + d) copy
-        first = self.decoder.project(0, outs.fz, bias=True) + self.decoder.project(1, outs.h)
-        output = self.head(self.decoder.finish(first))  # batch (b, t)
+        output = self.head(self.decoder.over(outs.fz, outs.h))  # batch (b, t)
         posterior = diagonal_normal(outs.loc, outs.scale)
         return Terms(output.log_prob(x), posterior, self.prior(outs.h), outs.z, output=output)
 
