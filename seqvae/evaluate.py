@@ -21,6 +21,7 @@ from torch import nn
 from .data import describe
 from .logs import progress_bar
 from .distributed import all_sum, rank_and_world
+from .graphs import Graphed
 from .objectives import bound, importance_log_likelihood
 from .sequences import mask_from_lengths
 
@@ -38,10 +39,13 @@ def evaluate(
     device: torch.device | str = "cpu",
     max_rows: int = 8192,
     progress: bool = False,
+    cuda_graphs: bool = False,
 ) -> dict[str, float]:
     """A registered bound ("elbo", "iwae", "fivo") or the log-likelihood estimate ("ll") over
     `data` (an ImageData or SequenceData, already validated by its loader). progress=True
-    shows a bar with the rate and the time left on a terminal (examples x samples scored)."""
+    shows a bar with the rate and the time left on a terminal (examples x samples scored).
+    cuda_graphs=True replays the bound of each batch shape from a CUDA graph (graphs.py) on a
+    CUDA device (not for "ll", whose batches of samples vary)."""
     check_data = getattr(getattr(model, "config", None), "check_data", None)
     if check_data is not None:  # the data fit the model, and its likelihood is a code length for them
         check_data(describe(data))
@@ -50,6 +54,9 @@ def evaluate(
     total, examples, steps = 0.0, 0, 0
     n = len(data)
     starts = list(range(0, n, batch_size))[rank::world]
+    score = lambda x, mask: bound(model, x, name=name, k=k, mask=mask)[0]  # noqa: E731
+    if cuda_graphs and torch.device(device).type == "cuda" and name != "ll":
+        score = Graphed(score, name=f"{name} bound")
     bar = progress_bar(total=sum(min(batch_size, n - s) for s in starts) * k, unit="sample", unit_scale=True, leave=False,
                desc=f"{name} k={k}", disable=None if progress and rank == 0 else True, dynamic_ncols=True)
     for start in starts:
@@ -61,7 +68,7 @@ def evaluate(
         if name == "ll":
             values = importance_log_likelihood(model, x, k=k, max_rows=max_rows, mask=mask, progress=bar.update)
         else:
-            values = bound(model, x, name=name, k=k, mask=mask)[0]
+            values = score(x, mask)
             bar.update(x.shape[0] * k)
         total += float(values.double().sum())
         examples += x.shape[0]

@@ -49,6 +49,7 @@ from .configs import ConfigError, check
 from .data import batches, check_splits_agree, dataset_info, load_dataset, num_batches
 from .distributed import all_sum, rank_and_world
 from .evaluate import evaluate
+from .graphs import Graphed
 from .logs import RunLog, progress_bar
 from .models import get_model
 from .objectives import bound
@@ -67,7 +68,7 @@ AMP = ("none", "bf16", "fp16")
 RESUMABLE = frozenset({
     "train.epochs", "train.lr", "train.lr_decay", "train.clip_grad", "train.patience", "train.time_limit",
     "train.log_every", "train.checkpoint_every", "train.samples", "train.samples_every", "train.progress",
-    "train.threads", "train.device", "train.max_nonfinite", "train.eval_k", "data.data_dir", "data.data_path", "data.download",
+    "train.threads", "train.device", "train.cuda_graphs", "train.compile", "train.max_nonfinite", "train.eval_k", "data.data_dir", "data.data_path", "data.download",
 })
 
 
@@ -94,6 +95,8 @@ class TrainConfig:
     clip_grad: float = 10.0  # maximum global gradient norm; 0 = no clipping
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     amp: str = "none"  # mixed precision: none | bf16 | fp16 (fp16 on CUDA only)
+    cuda_graphs: bool = True  # on CUDA: replay each training step from a CUDA graph (one process, no compile)
+    compile: bool = False  # compile the bound (forward and backward) with torch.compile
     seed: int = 0  # seed of every random generator (rank r uses seed + r)
     tbptt: int = 0  # sequences: chunk length L for truncated BPTT; 0 = whole sequences
     threads: int = 0  # CPU threads for torch; 0 = torch's default
@@ -252,8 +255,13 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
-        opt = torch.optim.Adam if tc.optimizer == "adam" else torch.optim.SGD
-        self.optimizer = opt(self.model.parameters(), lr=tc.lr)
+        # the training step (see _step): the bound, compiled or not; the step replayed from CUDA graphs or not
+        self.forward = torch.compile(self.objective, dynamic=False) if tc.compile else self.objective
+        graphs = tc.cuda_graphs and self.device.type == "cuda" and self.world == 1 and not tc.compile
+        self.graphed = Graphed(self._step, name="training step") if graphs else None
+        self.params = list(self.model.parameters())
+        self.steps_taken = torch.zeros((), dtype=torch.long, device=self.device)  # steps not skipped, on the device
+        self.optimizer = self._make_optimizer(tc)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=tc.lr_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.amp == "fp16")
         self.step, self.epoch, self.position = 0, 0, 0
@@ -352,7 +360,7 @@ class Trainer:
             )
         try:
             self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+            self.optimizer.load_state_dict(self._as_built(payload["optimizer"]))
             self.scheduler.load_state_dict(payload["scheduler"])
             self.scaler.load_state_dict(payload["scaler"])
             self.step, self.epoch, self.position = payload["step"], payload["epoch"], payload["position"]
@@ -360,6 +368,7 @@ class Trainer:
             self.best_epoch = payload["best_epoch"]
             self.nonfinite_in_row = payload["nonfinite_in_row"]
             self.running = list(payload["running"])
+            self.steps_taken.fill_(self.step)
             states = payload["rng"]
             if len(states) == self.world:
                 set_rng_state(states[self.rank])
@@ -371,7 +380,10 @@ class Trainer:
         tc = self.config.train
         if "train.lr" in changes:  # the new rate applies from here on; the per-epoch decay continues from it
             for group in self.optimizer.param_groups:
-                group["lr"] = tc.lr
+                if isinstance(group["lr"], Tensor):
+                    group["lr"].fill_(tc.lr)
+                else:
+                    group["lr"] = tc.lr
         if "train.lr_decay" in changes:
             self.scheduler.gamma = tc.lr_decay
         if self.main:
@@ -400,29 +412,64 @@ class Trainer:
     def _autocast(self):
         amp = self.config.train.amp
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=amp != "none")
+        # no autocast weight cache: a CUDA graph must not capture casts cached by an earlier call
+        return torch.autocast(self.device.type, dtype=dtype, enabled=amp != "none", cache_enabled=False)
 
-    def _optimise(self, loss: Tensor) -> tuple[bool, float]:
-        """Backward, clip, step. Returns (stepped, grad norm); skips non-finite steps.
+    def _make_optimizer(self, tc: TrainConfig) -> torch.optim.Optimizer:
+        """Adam or SGD with the fused kernels: they skip a step on the device when told that the
+        gradient is not finite (found_inf), so the step never reads a value back to the host.
+        Under CUDA graphs the optimiser is capturable, with its learning rate a tensor that the
+        schedule updates in place."""
+        graphs = self.graphed is not None
+        lr = torch.tensor(tc.lr, device=self.device) if graphs else tc.lr
+        kwargs = dict(fused=True, capturable=True) if graphs else dict(fused=True)
+        if tc.optimizer == "adam":
+            return torch.optim.Adam(self.model.parameters(), lr=lr, **kwargs)
+        return torch.optim.SGD(self.model.parameters(), lr=lr, fused=True)
 
-        Every rank runs backward (DistributedDataParallel's gradient reduction needs all of
-        them) and the decision to skip is taken jointly, so the ranks stay in step.
+    def _as_built(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A saved optimiser state with this run's kernel options (fused; capturable and a tensor
+        learning rate under CUDA graphs): the run that wrote it may have run elsewhere."""
+        built = self.optimizer.param_groups[0]
+        groups = []
+        for group in state["param_groups"]:
+            group = dict(group, fused=True, foreach=None)
+            if "capturable" in built:
+                group["capturable"] = built["capturable"]
+            if isinstance(built["lr"], Tensor):
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            groups.append(group)
+        return dict(state, param_groups=groups)
+
+    def _step(self, x: Tensor, mask: Tensor | None, carry, count: Tensor):
+        """One optimiser step on one piece (a batch, or a TBPTT chunk), static: no host read and
+        no Python branch on a tensor's value, so torch.compile and CUDA graphs take it whole.
+
+        count: the global number of examples (images) or real time steps (sequences) of the
+        piece, the loss's normaliser. A piece whose loss or gradient norm is not finite leaves
+        the parameters and the optimiser's state as they were (the fused optimiser's found_inf).
+        Returns (the bound summed over the piece, the gradient norm before clipping, 1.0 if the
+        step was skipped else 0.0, the carry for the next chunk, detached).
         """
+        oc, tc = self.config.objective, self.config.train
         self.optimizer.zero_grad(set_to_none=True)
-        bad_loss = not bool(torch.isfinite(loss))
-        self.scaler.scale(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) if bad_loss else loss).backward()
+        beta = (self.steps_taken / oc.kl_warmup).clamp(max=1.0) if oc.kl_warmup > 0 else 1.0
+        with self._autocast():
+            value, carry = self.forward(x, mask=mask, carry=carry, name=oc.name, k=oc.k, beta=beta,
+                                        free_bits=oc.free_bits, resample_threshold=oc.resample_threshold)
+        total = value.float().sum()
+        loss = -total * self.world / count
+        self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        clip = self.config.train.clip_grad
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        (bad,) = all_sum([float(bad_loss or not bool(torch.isfinite(norm)))], self.device)
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()
-            return False, float(norm)
-        self.scaler.step(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, tc.clip_grad if tc.clip_grad > 0 else math.inf, foreach=True)
+        skipped = (~(torch.isfinite(norm) & torch.isfinite(loss))).float()
+        if self.world > 1:  # the ranks skip together
+            torch.distributed.all_reduce(skipped, op=torch.distributed.ReduceOp.MAX)
+        self.optimizer.found_inf = skipped
+        self.optimizer.step()
         self.scaler.update()
-        return True, float(norm)
+        self.steps_taken += 1 - skipped.long()
+        return total.detach(), norm.detach(), skipped, None if carry is None else carry.detach()
 
     def _count(self, stepped: bool) -> None:
         if stepped:
@@ -439,52 +486,53 @@ class Trainer:
                 "Try a lower train.lr, gradient clipping (train.clip_grad) or check the data"
             )
 
-    def _kwargs(self) -> dict[str, Any]:
-        oc = self.config.objective
-        return dict(name=oc.name, k=oc.k, beta=oc.beta(self.step), free_bits=oc.free_bits, resample_threshold=oc.resample_threshold)
-
     def train_batch(self, batch) -> dict[str, float]:
         """One batch: one optimiser step (images, whole sequences) or one per TBPTT chunk.
 
         The loss is -(the bound summed over the batch) / (examples, or real time steps of
-        the chunk for sequences), with the global count under torch.distributed.
+        the chunk for sequences), with the global count under torch.distributed. The pieces'
+        counts come from the batch's lengths (on the host); the steps' results are read back
+        once, after the batch.
         """
         x = batch.x.to(self.device, non_blocking=True)
         if batch.lengths is None:  # whole inputs, scored once
-            pieces = [(x, None)]
+            pieces, counts = [(x, None)], [float(x.shape[0])]
         else:
-            mask = mask_from_lengths(batch.lengths.to(self.device), x.shape[1])
             chunk = self.config.train.tbptt or x.shape[1]
-            pieces = [(x[:, s : s + chunk], mask[:, s : s + chunk]) for s in range(0, x.shape[1], chunk)]
-        carry, total, count, norms, stepped_any = None, 0.0, 0.0, [], False
-        for xc, mc in pieces:
-            (n_global,) = all_sum([float(xc.shape[0]) if mc is None else float(mc.sum())], self.device)
+            starts = range(0, x.shape[1], chunk)
+            real = [(batch.lengths - s).clamp(0, min(chunk, x.shape[1] - s)) for s in starts]  # real steps per chunk
+            counts = all_sum([float(r.sum()) for r in real], self.device)
+            mask = mask_from_lengths(batch.lengths.to(self.device), x.shape[1])
+            pieces = [(x[:, s : s + chunk], None if bool((r == min(chunk, x.shape[1] - s)).all()) else mask[:, s : s + chunk])
+                      for s, r in zip(starts, real)]
+        carry, results = None, []
+        for (xc, mc), n_global in zip(pieces, counts):
             if n_global == 0:
                 break  # every sequence of the batch has ended
-            with self._autocast():
-                value, carry = self.objective(xc, mask=None if mc is None or bool(mc.all()) else mc, carry=carry, **self._kwargs())
-            stepped, norm = self._optimise(-value.float().sum() * self.world / n_global)
-            self._count(stepped)
-            stepped_any |= stepped
-            norms.append(norm)
-            (chunk_total,) = all_sum([float(value.detach().float().sum())], self.device)
-            total += chunk_total
-            count += n_global
-            if carry is not None:
-                carry = carry.detach()
-        loss = -total / max(count, 1) if stepped_any else math.nan
-        return {"loss": loss, "grad_norm": max(norms) if norms else math.nan}
+            step = self._step if self.graphed is None else self.graphed
+            total, norm, skipped, carry = step(xc, mc, carry, torch.tensor(n_global, device=self.device))
+            results.append(torch.stack([total, norm.float(), skipped]))
+        read = torch.stack(results).double().cpu().tolist() if results else []
+        for _, _, skipped in read:
+            self._count(not skipped)
+        (total,) = all_sum([sum(r[0] for r in read)], self.device)
+        count = sum(counts[: len(read)])
+        loss = -total / max(count, 1) if any(not r[2] for r in read) else math.nan
+        return {"loss": loss, "grad_norm": max(r[1] for r in read) if read else math.nan}
 
     def validate(self) -> dict[str, float]:
         oc, tc = self.config.objective, self.config.train
         metrics = {}
-        result = evaluate(self.model, self.valid_data, name="elbo", k=1, batch_size=self.local_batch, device=self.device)
+        graphs = self.graphed is not None
+        result = evaluate(self.model, self.valid_data, name="elbo", k=1, batch_size=self.local_batch, device=self.device,
+                          cuda_graphs=graphs)
         metrics["valid_elbo"] = result["nats"]
         if "nats_per_step" in result:
             metrics["valid_elbo_per_step"] = result["nats_per_step"]
         if oc.name != "elbo":
             k = tc.eval_k or oc.k
-            result = evaluate(self.model, self.valid_data, name=oc.name, k=k, batch_size=self.local_batch, device=self.device)
+            result = evaluate(self.model, self.valid_data, name=oc.name, k=k, batch_size=self.local_batch, device=self.device,
+                              cuda_graphs=graphs)
             metrics[f"valid_{oc.name}"] = result["nats"]
             if "nats_per_step" in result:
                 metrics[f"valid_{oc.name}_per_step"] = result["nats_per_step"]
@@ -611,7 +659,7 @@ class Trainer:
             bar.set_postfix_str(self._shown_loss(stats["loss"]))
             if self.step % tc.log_every == 0:
                 finite = [v for v in self.running if math.isfinite(v)]
-                self._write_metrics({"kind": "train", "epoch": self.epoch, "step": self.step, "loss": float(np.mean(finite)) if finite else None, "grad_norm": stats["grad_norm"], "beta": self.config.objective.beta(self.step), "lr": self.optimizer.param_groups[0]["lr"], "nonfinite_total": self.nonfinite_total})
+                self._write_metrics({"kind": "train", "epoch": self.epoch, "step": self.step, "loss": float(np.mean(finite)) if finite else None, "grad_norm": stats["grad_norm"], "beta": self.config.objective.beta(self.step), "lr": float(self.optimizer.param_groups[0]["lr"]), "nonfinite_total": self.nonfinite_total})
                 self.running = []
             if tc.checkpoint_every and self.position % tc.checkpoint_every == 0 and self.position < self.batches_per_epoch:
                 self.save()

@@ -38,16 +38,18 @@ def test_tbptt_takes_one_step_per_chunk_and_reports_the_whole_sequence(tmp_path,
     trainer = T.Trainer(vrnn_config(data_dir, "train.epochs=1", "train.tbptt=10"), tmp_path / "r", log=lambda m: None)
     batch = next(batches(trainer.train_data, trainer.local_batch, seed=0))[1]
     chunks = math.ceil(int(batch.lengths.max()) / 10)
-    steps = []
-    real = trainer._optimise
+    counts = []
+    real = trainer._step
 
-    def counting(loss):
-        steps.append(float(loss.detach()))
-        return real(loss)
+    def counting(x, mask, carry, count):
+        counts.append(float(count))
+        return real(x, mask, carry, count)
 
-    trainer._optimise = counting
+    trainer._step = counting
     stats = trainer.train_batch(batch)
-    assert len(steps) == chunks and trainer.step == chunks
+    assert len(counts) == chunks and trainer.step == chunks
+    # each step's normaliser is the real steps in its chunk; together, every real step of the batch
+    assert counts[0] == 10 * batch.x.shape[0] and sum(counts) == float(batch.lengths.sum())
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0  # nats per step over the whole batch
 
 
