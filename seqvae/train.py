@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from .configs import ConfigError, check
@@ -65,6 +66,8 @@ AMP = ("none", "bf16", "fp16")
 # What --resume may change: how long and how fast to go on, where to run, what to log. The
 # rest (the model, the data and its batching, the objective, the optimiser, the seed, mixed
 # precision, TBPTT) fixes what the checkpoint holds and how it continues: refused on resume.
+STATIC_SPAN = 32  # without TBPTT, static shapes pad a batch's time axis to a multiple of this
+
 RESUMABLE = frozenset({
     "train.epochs", "train.lr", "train.lr_decay", "train.clip_grad", "train.patience", "train.time_limit",
     "train.log_every", "train.checkpoint_every", "train.samples", "train.samples_every", "train.progress",
@@ -259,6 +262,7 @@ class Trainer:
         self.forward = torch.compile(self.objective, dynamic=False) if tc.compile else self.objective
         graphs = tc.cuda_graphs and self.device.type == "cuda" and self.world == 1 and not tc.compile
         self.graphed = Graphed(self._step, name="training step") if graphs else None
+        self.static_shapes = graphs or tc.compile  # pad batches to fixed shapes (see train_batch)
         self.params = list(self.model.parameters())
         self.steps_taken = torch.zeros((), dtype=torch.long, device=self.device)  # steps not skipped, on the device
         self.optimizer = self._make_optimizer(tc)
@@ -492,18 +496,27 @@ class Trainer:
         The loss is -(the bound summed over the batch) / (examples, or real time steps of
         the chunk for sequences), with the global count under torch.distributed. The pieces'
         counts come from the batch's lengths (on the host); the steps' results are read back
-        once, after the batch.
+        once, after the batch. Under CUDA graphs or train.compile, shapes are made static: a
+        batch's time axis is padded to a multiple of train.tbptt (STATIC_SPAN steps without
+        it) and a short batch with empty rows, all masked (exact: masked steps add nothing).
         """
         x = batch.x.to(self.device, non_blocking=True)
         if batch.lengths is None:  # whole inputs, scored once
             pieces, counts = [(x, None)], [float(x.shape[0])]
         else:
-            chunk = self.config.train.tbptt or x.shape[1]
+            tc, lengths = self.config.train, batch.lengths
+            static = self.static_shapes
+            if static:  # fixed shapes, so that one graph (or compiled program) serves every full chunk
+                span = tc.tbptt or STATIC_SPAN
+                rows, steps = self.local_batch - x.shape[0], -x.shape[1] % span
+                x = F.pad(x, (0, 0, 0, steps, 0, rows))  # padded steps and rows are masked: they add nothing
+                lengths = F.pad(lengths, (0, rows))
+            chunk = tc.tbptt or x.shape[1]
             starts = range(0, x.shape[1], chunk)
-            real = [(batch.lengths - s).clamp(0, min(chunk, x.shape[1] - s)) for s in starts]  # real steps per chunk
+            real = [(lengths - s).clamp(0, min(chunk, x.shape[1] - s)) for s in starts]  # real steps per chunk
             counts = all_sum([float(r.sum()) for r in real], self.device)
-            mask = mask_from_lengths(batch.lengths.to(self.device), x.shape[1])
-            pieces = [(x[:, s : s + chunk], None if bool((r == min(chunk, x.shape[1] - s)).all()) else mask[:, s : s + chunk])
+            mask = mask_from_lengths(lengths.to(self.device), x.shape[1])
+            pieces = [(x[:, s : s + chunk], None if not static and bool((r == min(chunk, x.shape[1] - s)).all()) else mask[:, s : s + chunk])
                       for s, r in zip(starts, real)]
         carry, results = None, []
         for (xc, mc), n_global in zip(pieces, counts):

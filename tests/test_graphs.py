@@ -140,6 +140,7 @@ def test_the_trainer_through_graphed_trains_exactly_as_eagerly(case, tmp_path, d
     for graphed in (False, True):
         torch.manual_seed(0)
         trainer = T.Trainer(config(data_dir, *case, "train.epochs=2"), tmp_path / f"r{graphed}", log=lambda m: None)
+        trainer.static_shapes = True  # as under CUDA graphs: padded to fixed shapes, in both runs
         if graphed:
             trainer.graphed = Graphed(trainer._step, capture=Capture())
         losses = [trainer.train_batch(b)["loss"] for epoch in range(2)
@@ -148,6 +149,8 @@ def test_the_trainer_through_graphed_trains_exactly_as_eagerly(case, tmp_path, d
         trainer.close()
     (eager_losses, eager_params, _), (graph_losses, graph_params, graphed) = results
     assert graphed.replays >= 2  # the full batches were replayed, not run eagerly
+    if case[0] == "vrnn":  # every chunk (fixed length) and the short last batch (padded) came from two graphs
+        assert len(graphed.graphs) == 2
     assert eager_losses == graph_losses
     assert all(torch.equal(a, b) for a, b in zip(eager_params, graph_params))
 
@@ -185,3 +188,23 @@ def test_cuda_graphed_evaluation_equals_eager(data_dir):
         torch.manual_seed(1)
         values.append(evaluate(model, data, name="iwae", k=3, batch_size=6, device="cuda", cuda_graphs=graphs)["nats"])
     assert values[1] == pytest.approx(values[0], rel=1e-5)
+
+
+def test_static_shapes_change_nothing_but_the_shapes(tmp_path, data_dir):
+    """Padding a batch's time axis and rows (all masked) leaves a deterministic model's losses
+    and updates as they were (the RNN: no noise, whose draws the padding would change)."""
+    results = []
+    for static in (False, True):
+        torch.manual_seed(0)
+        cfg = build_config("rnn", "quick", ["data.limit=24", "data.valid_limit=4", "data.batch_size=8", "train.tbptt=25",
+                                            "train.progress=false"], "jsb_chorales", str(data_dir))
+        trainer = T.Trainer(cfg, tmp_path / f"r{static}", log=lambda m: None)
+        trainer.static_shapes = static
+        losses = [trainer.train_batch(b)["loss"] for _, b in batches(trainer.train_data, 7, seed=0)]
+        results.append((losses, [p.detach().clone() for p in trainer.params]))
+        trainer.close()
+    (plain_losses, plain), (static_losses, padded) = results
+    assert len(plain_losses) == 3  # batches of 7 sequences: static shapes pad each with an eighth row
+    torch.testing.assert_close(torch.tensor(static_losses), torch.tensor(plain_losses), rtol=1e-5, atol=0)
+    for a, b in zip(plain, padded):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

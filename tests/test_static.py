@@ -1,6 +1,8 @@
 """A static step: the bounds trace as one graph (no host synchronisation, no Python branch on a
 tensor's value), and mixed precision (bfloat16 autocast on the CPU) trains and agrees with float32."""
 
+import json
+import math
 from typing import NamedTuple
 
 import pytest
@@ -105,3 +107,32 @@ def test_training_with_bf16_autocast_reaches_finite_bounds(kind, extra, tmp_path
     metrics = trainer.fit()
     assert trainer.step > 0 and trainer.nonfinite_total == 0
     assert all(v == v and abs(v) < float("inf") for k, v in metrics.items() if k.startswith("valid_"))
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("draw", ["model.read=filterbank", "model.write=filterbank", "model.read_size=3", "model.write_size=3", "model.steps=3",
+              "model.hidden_size=32", "model.z_size=4", "data.limit=64", "data.valid_limit=32", "data.batch_size=32"]),
+    pytest.param("vrnn", ["data.limit=16", "data.valid_limit=4", "data.batch_size=8", "model.hidden_size=16", "model.z_size=4",
+                          "train.tbptt=8"], marks=pytest.mark.slow),  # ~90 s of compiling on 2 cores
+])
+def test_train_compile_trains_like_eager(kind, extra, tmp_path, data_dir):
+    """train.compile=true: the compiled bound (inductor; its random draws as eager's) trains to the
+    same losses as the eager one, DRAW with filterbank heads and a VRNN with truncated BPTT."""
+    import torch._inductor.config as inductor
+
+    runs = {}
+    for compiled in ("false", "true"):
+        torch._dynamo.reset()
+        cfg = build_config(kind, "quick", [f"train.compile={compiled}", "train.epochs=1", "train.progress=false",
+                                           "train.samples=4", "train.log_every=1", *extra], None, str(data_dir))
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, tmp_path / compiled, log=lambda m: None)
+        trainer.static_shapes = True  # the same padded shapes in both runs (compile pads; eager need not)
+        with inductor.patch(fallback_random=True):
+            metrics = trainer.fit()
+        records = [json.loads(line) for line in (tmp_path / compiled / "metrics.jsonl").read_text().splitlines()]
+        runs[compiled] = [r["loss"] for r in records if r["kind"] == "train"], metrics
+    (eager_losses, _), (compiled_losses, metrics) = runs["false"], runs["true"]
+    assert len(compiled_losses) == len(eager_losses) >= 2
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=2e-3, atol=0)
+    assert all(math.isfinite(v) for k, v in metrics.items() if k.startswith("valid_"))
