@@ -248,7 +248,7 @@ def _fivo_chunk(model, x, *, k, mask, carry, beta, resample_threshold, **_):
             ancestors = torch.where(need[:, None], ancestors, keep)
             index = rearrange(ancestors * b + columns[:, None], "b k -> (k b)")
         filt["log_w"] = torch.where(need, torch.zeros_like(log_w), log_w)
-        return map_state(lambda s: s[index], state)
+        return map_state(lambda s: s.index_select(0, index), state)
 
     start = carry.acc + log_mean_exp(carry.log_w, 0)
     run = unroll(model, _rows(x, k), mask=_rows(mask, k), state=carry.state, between=between)
