@@ -45,6 +45,7 @@ KERNELS = ("aten", "onednn", "rows")
 MEASURE_MIN = 1 << 24  # multiply-adds (m k n): smaller products always use ATen's kernel
 ROWS = 4096
 REPEATS = 3
+SLOW = 20  # a kernel whose first call takes SLOW x ATen's is dropped without more timing
 
 _choices: dict[str, str] | None = None  # key -> kernel, loaded from the cache file on first use
 
@@ -123,14 +124,22 @@ def _save(choices: dict[str, str]) -> None:
 
 
 def _measure(x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
-    kernels = [k for k in KERNELS if k != "onednn" or _onednn_ok()]
+    # oneDNN only for a contiguous weight: with a transposed or sliced one it took ~14 s per call
+    # here (3200x256 times a 256x1024 slice), which made a first training step take minutes
+    kernels = [k for k in KERNELS if k != "onednn" or (_onednn_ok() and weight.is_contiguous())]
     best = {k: float("inf") for k in kernels}
     with torch.no_grad():
-        for k in kernels:  # warm-up (and a check that the kernel runs here at all)
+        for k in kernels:  # warm-up (and a check that the kernel runs here at all); "aten" comes first
+            start = time.perf_counter()
             try:
                 _run(k, x, weight, bias)
             except RuntimeError:
                 best.pop(k)
+                continue
+            if k != "aten" and time.perf_counter() - start > SLOW * best["aten"]:
+                best.pop(k)  # far slower than ATen on its first call: not worth timing again
+            elif k == "aten":
+                best[k] = time.perf_counter() - start
         for _ in range(REPEATS):
             for k in best:
                 start = time.perf_counter()

@@ -38,6 +38,28 @@ def test_small_products_and_other_dtypes_use_aten_without_measuring(monkeypatch)
     assert gemm.choose(big_x, big_w) == "aten"
 
 
+def test_measuring_skips_onednn_for_a_strided_weight_and_drops_a_kernel_far_slower_than_aten(monkeypatch):
+    """oneDNN with a transposed or sliced weight took ~14 s per call (a first training step took
+    minutes): it is not a candidate there; and a kernel whose first call is SLOW x ATen's is not
+    timed again."""
+    import time
+
+    ran = []
+    real = gemm._run
+
+    def run(kernel, x, w, b):
+        ran.append(kernel)
+        if kernel == "rows":
+            time.sleep(0.2)  # a pathological kernel
+        return real(kernel, x, w, b)
+
+    monkeypatch.setattr(gemm, "_run", run)
+    monkeypatch.setattr(gemm, "SLOW", 2)
+    x, w = torch.randn(4096, 256), torch.randn(256, 512)
+    assert gemm._measure(x, w.t(), None) == "aten"  # a transposed (strided) weight
+    assert "onednn" not in ran and ran.count("rows") == 1 and ran.count("aten") == 1 + gemm.REPEATS
+
+
 def test_a_choice_is_measured_once_and_stored_for_other_processes(monkeypatch, tmp_path):
     monkeypatch.setenv("SEQVAE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("SEQVAE_GEMM", raising=False)
