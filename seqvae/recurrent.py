@@ -101,6 +101,8 @@ def stack_steps(items: Sequence[Any], dim: int = 1) -> Any:
     if first is None:
         return None
     if isinstance(first, Tensor):
+        if len(items) == 1:  # one step (FIVO scores step by step): a view, no copy
+            return first.unsqueeze(dim)
         if dim == 1 and first.dim() >= 1:
             # stacked time-major (one contiguous copy per step) and viewed as (b, t, ...): on the
             # development CPU 5.7x faster than stacking along dim 1 (500 steps of 128 x 100)

@@ -518,12 +518,14 @@ class Trainer:
             mask = mask_from_lengths(lengths.to(self.device), x.shape[1])
             pieces = [(x[:, s : s + chunk], None if not static and bool((r == min(chunk, x.shape[1] - s)).all()) else mask[:, s : s + chunk])
                       for s, r in zip(starts, real)]
+        normalisers = torch.tensor(counts)  # to the device in one copy, not one (waiting) copy per chunk
+        normalisers = (normalisers.pin_memory() if self.device.type == "cuda" else normalisers).to(self.device, non_blocking=True)
         carry, results = None, []
-        for (xc, mc), n_global in zip(pieces, counts):
+        step = self._step if self.graphed is None else self.graphed
+        for (xc, mc), n_global, normaliser in zip(pieces, counts, normalisers):
             if n_global == 0:
                 break  # every sequence of the batch has ended
-            step = self._step if self.graphed is None else self.graphed
-            total, norm, skipped, carry = step(xc, mc, carry, torch.tensor(n_global, device=self.device))
+            total, norm, skipped, carry = step(xc, mc, carry, normaliser)
             results.append(torch.stack([total, norm.float(), skipped]))
         read = torch.stack(results).double().cpu().tolist() if results else []
         for _, _, skipped in read:
