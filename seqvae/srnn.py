@@ -105,6 +105,7 @@ class SRNNInput(NamedTuple):
     x: Tensor  # (b, x) x_t (carried, so that the next chunk's d_t starts from it)
     prior_d: Tensor  # (b, f) the prior's first layer, d_t part and bias
     posterior_a: Tensor  # (b, f) the posterior's first layer, a_t part and bias
+    decoder_d: Tensor  # (b, f) the decoder's first layer, d_t part (so that a step-by-step score need not compute it)
 
 
 class SRNNStep(NamedTuple):
@@ -116,6 +117,7 @@ class SRNNStep(NamedTuple):
     d: Tensor  # (b, d) d_t
     x: Tensor | None = None  # generating: the sampled x_t
     params: Tensor | None = None  # generating: the output head's parameters
+    decoder_d: Tensor | None = None  # (b, f) scoring: the decoder's first layer, d_t part (SRNNInput.decoder_d)
 
 
 class SRNN(SequenceModel):
@@ -157,8 +159,10 @@ class SRNN(SequenceModel):
             a = torch.cat([d, xt], dim=-1)  # (t, b, d + x)
         prior_d = self.prior_net.project(1, d, bias=True)  # (t, b, f)
         posterior_a = self.posterior_net.project(1, a, bias=True)  # (t, b, f)
+        decoder_d = self.decoder.project(1, d)  # (t, b, f)
         cs = [None] * xt.shape[0] if c is None else c.unbind(0)
-        return [SRNNInput(*parts) for parts in zip(d.unbind(0), cs, xt.unbind(0), prior_d.unbind(0), posterior_a.unbind(0))]
+        return [SRNNInput(*parts) for parts in zip(d.unbind(0), cs, xt.unbind(0), prior_d.unbind(0), posterior_a.unbind(0),
+                                                   decoder_d.unbind(0))]
 
     def step(self, inputs: SRNNInput | None, state: SRNNState) -> tuple[SRNNStep, SRNNState]:
         """z_t ~ q(z_t | z_{t-1}, a_t) (or, generating, d_t from the sampled x_{t-1} and z_t ~ p)."""
@@ -179,11 +183,13 @@ class SRNN(SequenceModel):
         loc = prior_loc + correction  # the residual parameterisation
         z = torch.addcmul(loc, scale, torch.randn_like(loc))
         # the carried state keeps its dtype (under autocast z may come out in bfloat16)
-        return SRNNStep(z, loc, scale, prior_loc, prior_scale, d), SRNNState(z.to(state.z.dtype), d, c, inputs.x)
+        return (SRNNStep(z, loc, scale, prior_loc, prior_scale, d, decoder_d=inputs.decoder_d),
+                SRNNState(z.to(state.z.dtype), d, c, inputs.x))
 
     def score(self, x: Tensor, outs: SRNNStep, state: Any = None) -> Terms:
         """log p(x_t | z_t, d_t), q and p per step; the decoder batched over all steps."""
-        output = self.head(self.decoder.over(outs.z, outs.d))  # batch (b, t)
+        decoder_d = self.decoder.project(1, outs.d) if outs.decoder_d is None else outs.decoder_d
+        output = self.head(self.decoder.finish(self.decoder.project(0, outs.z, bias=True) + decoder_d))  # batch (b, t)
         posterior = diagonal_normal(outs.loc, outs.scale)
         prior = diagonal_normal(outs.prior_loc, outs.prior_scale)
         return Terms(output.log_prob(x), posterior, prior, outs.z, output=output)
