@@ -21,7 +21,7 @@ from torch import nn
 from .data import describe
 from .logs import progress_bar
 from .distributed import all_sum, rank_and_world
-from .graphs import Graphed
+from .graphs import STATIC_SPAN, Graphed
 from .objectives import bound, importance_log_likelihood
 from .sequences import mask_from_lengths
 
@@ -63,6 +63,8 @@ def evaluate(
         index = torch.arange(start, min(start + batch_size, n))
         batch = data.batch(index, torch.Generator().manual_seed(start))  # fixed draws for dynamic binarization
         x = batch.x.to(device)
+        if isinstance(score, Graphed) and batch.lengths is not None:  # pad (masked) so that batch shapes repeat
+            x = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[1] % STATIC_SPAN))
         lengths = None if batch.lengths is None else batch.lengths.to(device)
         mask = None if lengths is None else mask_from_lengths(lengths, x.shape[1])
         if name == "ll":

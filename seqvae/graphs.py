@@ -29,14 +29,18 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["Graphed", "cuda_capture"]
+__all__ = ["Graphed", "cuda_capture", "STATIC_SPAN"]
+
+STATIC_SPAN = 32  # static shapes (graphs, compile) pad a sequence batch's time axis to a multiple of this (without TBPTT)
 
 
 def cuda_capture(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
     """Capture fn() (which reads static tensors) as a CUDA graph; returns replay(), which runs the
     graph and returns the capture's outputs (the graph's static tensors, overwritten by each replay)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.cuda.graph(graph):
+    # the outer stream context restores the current stream even when the capture fails (torch.cuda.graph's
+    # exit ends the capture before it restores the stream, and a failed end raises)
+    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)), torch.cuda.graph(graph):
         out = fn()
 
     def replay():
@@ -64,11 +68,12 @@ class Graphed:
 
     def __init__(self, fn: Callable[..., Any], *, max_graphs: int = 8,
                  capture: Callable[[Callable[[], Any], torch.device], Callable[[], Any]] = cuda_capture,
-                 name: str = "step"):
+                 name: str = "step", reset: Callable[[], None] | None = None):
         self.fn = fn
         self.max_graphs = max_graphs
         self.capture = capture
         self.name = name
+        self.reset = reset  # called after a failed capture, before the eager call: undo what the aborted one left
         self.graphs: dict[Any, tuple[Callable[[], Any], list[Tensor]]] = {}
         self.warm: set[Any] = set()  # signatures run once (eagerly), ready to capture
         self.eager: set[Any] = set()  # signatures that run eagerly for good
@@ -109,6 +114,8 @@ class Graphed:
             replay = self.capture(lambda: self.fn(*inputs), device)
         except Exception as err:  # an op that cannot be captured: this signature runs eagerly
             self.eager.add(key)
+            if self.reset is not None:
+                self.reset()
             warnings.warn(f"CUDA graph capture of the {self.name} failed ({type(err).__name__}: {err}); "
                           "this input shape runs eagerly", RuntimeWarning, stacklevel=3)
             return None

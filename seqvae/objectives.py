@@ -225,7 +225,8 @@ def _fivo_chunk(model, x, *, k, mask, carry, beta, resample_threshold, **_):
     b = x.shape[0]
     columns = torch.arange(b, device=x.device)
     keep = torch.arange(k, device=x.device).expand(b, k)
-    log_threshold = math.log(resample_threshold * k) if resample_threshold > 0 else None
+    # one particle: resampling changes nothing (and is left out, so no draw is made)
+    log_threshold = math.log(resample_threshold * k) if resample_threshold > 0 and k > 1 else None
     filt = {"log_w": carry.log_w, "acc": carry.acc}
 
     def between(t: int, terms: Terms, state):

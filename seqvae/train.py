@@ -50,7 +50,7 @@ from .configs import ConfigError, check
 from .data import batches, check_splits_agree, dataset_info, load_dataset, num_batches
 from .distributed import all_sum, rank_and_world
 from .evaluate import evaluate
-from .graphs import Graphed
+from .graphs import STATIC_SPAN, Graphed
 from .logs import RunLog, progress_bar
 from .models import get_model
 from .objectives import bound
@@ -66,8 +66,6 @@ AMP = ("none", "bf16", "fp16")
 # What --resume may change: how long and how fast to go on, where to run, what to log. The
 # rest (the model, the data and its batching, the objective, the optimiser, the seed, mixed
 # precision, TBPTT) fixes what the checkpoint holds and how it continues: refused on resume.
-STATIC_SPAN = 32  # without TBPTT, static shapes pad a batch's time axis to a multiple of this
-
 RESUMABLE = frozenset({
     "train.epochs", "train.lr", "train.lr_decay", "train.clip_grad", "train.patience", "train.time_limit",
     "train.log_every", "train.checkpoint_every", "train.samples", "train.samples_every", "train.progress",
@@ -261,7 +259,7 @@ class Trainer:
         # the training step (see _step): the bound, compiled or not; the step replayed from CUDA graphs or not
         self.forward = torch.compile(self.objective, dynamic=False) if tc.compile else self.objective
         graphs = tc.cuda_graphs and self.device.type == "cuda" and self.world == 1 and not tc.compile
-        self.graphed = Graphed(self._step, name="training step") if graphs else None
+        self.graphed = Graphed(self._step, name="training step", reset=self._reset_step) if graphs else None
         self.static_shapes = graphs or tc.compile  # pad batches to fixed shapes (see train_batch)
         self.params = list(self.model.parameters())
         self.steps_taken = torch.zeros((), dtype=torch.long, device=self.device)  # steps not skipped, on the device
@@ -440,10 +438,16 @@ class Trainer:
             group = dict(group, fused=True, foreach=None)
             if "capturable" in built:
                 group["capturable"] = built["capturable"]
-            if isinstance(built["lr"], Tensor):
-                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            # a tensor learning rate under CUDA graphs; a number otherwise (a CPU tensor would be read every step)
+            group["lr"] = torch.tensor(float(group["lr"]), device=self.device) if isinstance(built["lr"], Tensor) else float(group["lr"])
             groups.append(group)
         return dict(state, param_groups=groups)
+
+    def _reset_step(self) -> None:
+        """After a failed capture: drop what the aborted step left (gradients, the scaler's unscaled mark)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        state, self.scaler = self.scaler.state_dict(), torch.amp.GradScaler("cuda", enabled=self.scaler.is_enabled())
+        self.scaler.load_state_dict(state)  # the same scale, without the aborted step's per-optimiser marks
 
     def _step(self, x: Tensor, mask: Tensor | None, carry, count: Tensor):
         """One optimiser step on one piece (a batch, or a TBPTT chunk), static: no host read and
@@ -502,7 +506,7 @@ class Trainer:
         """
         x = batch.x.to(self.device, non_blocking=True)
         if batch.lengths is None:  # whole inputs, scored once
-            pieces, counts = [(x, None)], [float(x.shape[0])]
+            pieces, counts = [(x, None)], all_sum([float(x.shape[0])], self.device)
         else:
             tc, lengths = self.config.train, batch.lengths
             static = self.static_shapes
