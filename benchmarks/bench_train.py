@@ -4,7 +4,7 @@ Cases: DRAW's paper preset (T=64, LSTM 256, z 100, read 2, write 5) at batch 64 
 the VRNN's paper preset on JSB chorales (LSTM 256, z 64, batch 16) with TBPTT (train.tbptt=50)
 and with FIVO (k=4). Modes: eager; CUDA graphs (train.cuda_graphs, CUDA only); bf16 autocast;
 torch.compile (train.compile; opt in with --compile: its first call compiles for minutes).
-Each case trains on real batches (SEQVAE_DATA or ../shared/data); a step is one batch (all its
+Each case trains on real batches ($SEQVAE_DATA, else data/; nothing is downloaded); a step is one batch (all its
 TBPTT chunks). Prints the median ms per step, the epoch time that implies (full training
 split, whole batches), the first call (warm-up, capture or compile) and peak memory (CUDA:
 torch.cuda.max_memory_allocated; CPU: the process's peak resident memory so far).
@@ -42,16 +42,6 @@ MODES = {"eager": ["train.cuda_graphs=false"], "graphs": ["train.cuda_graphs=tru
          "bf16": ["train.cuda_graphs=false", "train.amp=bf16"], "compile": ["train.compile=true"]}
 
 
-def data_dir() -> str:
-    import os
-
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (os.environ.get("SEQVAE_DATA"), here.parent / "shared" / "data", here / "data"):
-        if candidate and (Path(candidate) / "binarized_mnist").is_dir():
-            return str(candidate)
-    raise SystemExit("no data folder: set SEQVAE_DATA to a folder holding binarized_mnist/ and polyphonic/")
-
-
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA, max allocated)"
@@ -60,7 +50,8 @@ def peak_memory(device: torch.device) -> str:
 
 def run_case(case: str, mode: str, device: torch.device, repeats: int, folder: Path) -> None:
     kind, preset, data, extra = CASES[case]
-    cfg = build_config(kind, preset, [*extra, *MODES[mode], f"train.device={device}", "train.progress=false"], data, data_dir())
+    cfg = build_config(kind, preset, [*extra, *MODES[mode], f"train.device={device}", "train.progress=false", "data.download=false"],
+                       data, None)  # the data root by the package's rule: $SEQVAE_DATA, else data/
     torch.manual_seed(0)
     trainer = Trainer(cfg, folder / f"{case}-{mode}", log=lambda m: None)
     if device.type == "cuda":

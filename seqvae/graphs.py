@@ -87,17 +87,18 @@ class Graphed:
         flat, spec = tree_flatten(args)
         key = self._signature(flat, spec)
         entry = self.graphs.get(key)
-        if entry is None:
-            device = next((v.device for v in flat if isinstance(v, Tensor)), torch.device("cpu"))
-            if key in self.eager or key not in self.warm:
-                if key not in self.eager and len(self.graphs) + len(self.warm) >= self.max_graphs:
-                    self.eager.add(key)
-                elif key not in self.eager:
-                    self.warm.add(key)
-                return _eager_on_side_stream(lambda: self.fn(*args), device)
+        if entry is None and key in self.warm:  # the second call: capture
+            device = next(v.device for v in flat if isinstance(v, Tensor))
             entry = self._capture(key, flat, spec, device)
-            if entry is None:
+        if entry is None:
+            if key in self.eager:
                 return self.fn(*args)
+            if len(self.graphs) + len(self.warm) >= self.max_graphs:
+                self.eager.add(key)
+                return self.fn(*args)
+            self.warm.add(key)  # the first call: a warm-up, then capture next time
+            device = next((v.device for v in flat if isinstance(v, Tensor)), torch.device("cpu"))
+            return _eager_on_side_stream(lambda: self.fn(*args), device)
         replay, static = entry
         for target, value in zip(static, (v for v in flat if isinstance(v, Tensor))):
             target.copy_(value)

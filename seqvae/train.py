@@ -509,19 +509,19 @@ class Trainer:
             pieces, counts = [(x, None)], all_sum([float(x.shape[0])], self.device)
         else:
             tc, lengths = self.config.train, batch.lengths
-            static = self.static_shapes
-            if static:  # fixed shapes, so that one graph (or compiled program) serves every full chunk
+            if self.static_shapes:  # fixed shapes, so that one graph (or compiled program) serves every full chunk
                 span = tc.tbptt or STATIC_SPAN
                 rows, steps = self.local_batch - x.shape[0], -x.shape[1] % span
                 x = F.pad(x, (0, 0, 0, steps, 0, rows))  # padded steps and rows are masked: they add nothing
                 lengths = F.pad(lengths, (0, rows))
             chunk = tc.tbptt or x.shape[1]
             starts = range(0, x.shape[1], chunk)
-            real = [(lengths - s).clamp(0, min(chunk, x.shape[1] - s)) for s in starts]  # real steps per chunk
+            widths = [min(chunk, x.shape[1] - s) for s in starts]
+            real = [(lengths - s).clamp(0, w) for s, w in zip(starts, widths)]  # real steps per chunk and sequence
             counts = all_sum([float(r.sum()) for r in real], self.device)
             mask = mask_from_lengths(lengths.to(self.device), x.shape[1])
-            pieces = [(x[:, s : s + chunk], None if not static and bool((r == min(chunk, x.shape[1] - s)).all()) else mask[:, s : s + chunk])
-                      for s, r in zip(starts, real)]
+            pieces = [(x[:, s : s + w], None if not self.static_shapes and bool((r == w).all()) else mask[:, s : s + w])
+                      for s, w, r in zip(starts, widths, real)]
         normalisers = torch.tensor(counts)  # to the device in one copy, not one (waiting) copy per chunk
         normalisers = (normalisers.pin_memory() if self.device.type == "cuda" else normalisers).to(self.device, non_blocking=True)
         carry, results = None, []
