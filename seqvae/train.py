@@ -93,6 +93,7 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | sgd (plain gradient descent, for checks that need a scale-sensitive step)
     lr: float = 1e-3  # learning rate
     lr_decay: float = 1.0  # multiply the learning rate by this after every epoch
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW; with sgd, added to the gradient); 0 = none
     clip_grad: float = 10.0  # maximum global gradient norm; 0 = no clipping
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     amp: str = "none"  # mixed precision: none | bf16 | fp16 (fp16 on CUDA only)
@@ -116,6 +117,7 @@ class TrainConfig:
         check(self.optimizer in ("adam", "sgd"), f"train.optimizer must be adam or sgd, got {self.optimizer!r}")
         check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         check(0 < self.lr_decay <= 1, f"train.lr_decay must lie in (0, 1], got {self.lr_decay}")
+        check(0 <= self.weight_decay < 1, f"train.weight_decay must lie in [0, 1), got {self.weight_decay}")
         check(self.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
         check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -426,8 +428,9 @@ class Trainer:
         lr = torch.tensor(tc.lr, device=self.device) if graphs else tc.lr
         kwargs = dict(fused=True, capturable=True) if graphs else dict(fused=True)
         if tc.optimizer == "adam":
-            return torch.optim.Adam(self.model.parameters(), lr=lr, **kwargs)
-        return torch.optim.SGD(self.model.parameters(), lr=lr, fused=True)
+            adam = torch.optim.AdamW if tc.weight_decay else torch.optim.Adam
+            return adam(self.model.parameters(), lr=lr, weight_decay=tc.weight_decay, **kwargs)
+        return torch.optim.SGD(self.model.parameters(), lr=lr, weight_decay=tc.weight_decay, fused=True)
 
     def _as_built(self, state: dict[str, Any]) -> dict[str, Any]:
         """A saved optimiser state with this run's kernel options (fused; capturable and a tensor

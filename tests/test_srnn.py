@@ -29,9 +29,10 @@ def model_for(posterior="smoothing", cell="gru", output="bernoulli"):
     return SRNN(x_dim=6, hidden_size=8, z_size=3, cell=cell, posterior=posterior, output=output, components=2).double()
 
 
-def by_hand(model, x, mask):
+def by_hand(model, x, mask, drop=lambda d, i: d):
     """The paper's equations, one sequence and one step at a time, with whole-input networks:
-    (log p(x_t), KL_t, posterior means), each (b, t)."""
+    (log p(x_t), KL_t, posterior means), each (b, t). `drop(d, i)` is what the prior, the decoder
+    and the backward RNN see of sequence i's d (t, d) (its dropout); the recurrence carries d itself."""
     b, steps, _ = x.shape
     log_px, kl, locs = torch.zeros(b, steps, dtype=x.dtype), torch.zeros(b, steps, dtype=x.dtype), torch.zeros(b, steps, 3, dtype=x.dtype)
     # the deterministic RNN over x_{t-1} and the backward RNN over [d_t, x_t], per sequence over its real steps only
@@ -44,7 +45,7 @@ def by_hand(model, x, mask):
             prev = x[i : i + 1, t - 1] if t > 0 else torch.zeros_like(x[i : i + 1, 0])
             state = model.d_cell(prev, state)
             d.append(state.h)
-        d = torch.cat(d)  # (t, d)
+        d = drop(torch.cat(d), i)  # (t, d)
         a = torch.zeros_like(d) if model.a_cell is not None else torch.cat([d, x[i]], -1)
         if model.a_cell is not None:
             back = model.a_cell.initial_state(1, x)
@@ -80,6 +81,37 @@ def test_the_unroll_equals_the_equations(posterior, cell):
     torch.testing.assert_close(terms.kl(), kl, rtol=1e-10, atol=1e-10)
     real = mask[..., None].expand_as(locs)
     torch.testing.assert_close(terms.posterior.base_dist.loc[real], locs[real], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("posterior", ["smoothing", "filtering"])
+def test_dropout_drops_d_where_it_is_used_and_not_in_the_recurrence_and_only_in_training(posterior, monkeypatch):
+    model = model_for(posterior)
+    model.config.dropout = 0.5
+    x, mask = data()
+    keep = (torch.rand(4, 7, 8, generator=torch.Generator().manual_seed(9)) > 0.5).double()
+    torch.manual_seed(2)
+    log_px, kl, _ = by_hand(model, x, mask, drop=lambda d, i: d * keep[i] * 2.0)  # a known mask, scaled by 1 / (1 - p)
+    seen = []
+
+    def dropout(d, p, training):
+        seen.append((p, training))
+        return d * keep.transpose(0, 1) * 2.0  # the model's d is (t, b, d)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    torch.manual_seed(2)
+    terms = unroll(model.train(), x, mask=mask).terms
+    assert seen == [(0.5, True)]
+    torch.testing.assert_close(terms.log_px, log_px, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl(), kl, rtol=1e-10, atol=1e-10)
+    monkeypatch.undo()
+    # evaluation: no dropout, the same terms as the model without it
+    torch.manual_seed(2)
+    evaluated = unroll(model.eval(), x, mask=mask).terms
+    model.config.dropout = 0.0
+    torch.manual_seed(2)
+    plain = unroll(model.train(), x, mask=mask).terms
+    torch.testing.assert_close(evaluated.log_px, plain.log_px, rtol=0, atol=0)
+    assert (evaluated.log_px - log_px).abs().max() > 1e-3  # the mask above did change the terms
 
 
 @pytest.mark.parametrize("name", ["elbo", "iwae", "fivo"])

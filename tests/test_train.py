@@ -69,6 +69,22 @@ def test_gradients_are_clipped_before_the_optimiser_step(tmp_path, data_dir, mon
     assert seen and all(n <= 0.01 * (1 + 1e-4) for n in seen)  # what the optimiser saw
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_weight_decay_shrinks_each_parameter_by_lr_times_decay(tmp_path, data_dir, optimizer):
+    """Decoupled for Adam (AdamW: p <- p (1 - lr wd) - lr adam(g)); for SGD, wd p added to the
+    gradient (p <- p - lr (g + wd p)): either way, against the same step without decay, each
+    parameter ends lower by lr * wd * p (no clipping, so that the gradients are the same)."""
+    after = {}
+    for wd in (0.0, 0.1):
+        trainer = T.Trainer(vrnn_config(data_dir, "train.epochs=1", "train.clip_grad=0", "train.lr=0.01",
+                                        f"train.optimizer={optimizer}", f"train.weight_decay={wd}"), tmp_path / f"r{wd}", log=lambda m: None)
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train_batch(next(batches(trainer.train_data, trainer.local_batch, seed=0))[1])
+        after[wd] = [p.detach().clone() for p in trainer.model.parameters()]
+    for p0, plain, decayed in zip(before, after[0.0], after[0.1]):
+        torch.testing.assert_close(plain - decayed, 0.01 * 0.1 * p0, rtol=1e-3, atol=1e-6)
+
+
 def test_model_and_data_must_match(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="model.x_dim=30 but jsb_chorales has 88"):
         vrnn_config(data_dir, "model.x_dim=30")
