@@ -67,11 +67,10 @@ class SRNNConfig:
     components: int = 5  # mixture components (output=mixture or strokes)
     min_scale: float = 1e-3  # floor on the output Gaussians' standard deviations
     output_bias_from_data: bool = False  # Bernoulli output: start the output bias at the logit of the training mean
-    dropout: float = 0.0  # training: dropout on d_t where it enters the prior, the decoder and q (0 = none)
+    dropout: float = 0.0  # training: dropout on d_t where the prior, the decoder and q read it (0 = none)
 
     def validate(self) -> "SRNNConfig":
         _check_common(self)
-        check(0 <= self.dropout < 1, f"model.dropout must lie in [0, 1), got {self.dropout}")
         check(self.z_size >= 1, f"model.z_size must be at least 1, got {self.z_size}")
         check(self.posterior in POSTERIORS, f"model.posterior must be one of {', '.join(POSTERIORS)}, got {self.posterior!r}")
         check(self.prior_layers >= 0, f"model.prior_layers must be at least 0, got {self.prior_layers}")
@@ -152,7 +151,7 @@ class SRNN(SequenceModel):
         x_prev = torch.cat([state.x[None], xt[:-1]])  # (t, b, x): x_{t-1}
         d, c = scan(self.d_cell, self.d_cell.input_gates(0, x_prev, bias=True), CellState(state.d, state.c))  # (t, b, d)
         carried = d  # the recurrence carries d_t itself; its uses below see it through dropout (training only)
-        d = torch.nn.functional.dropout(d, self.config.dropout, self.training)
+        d = self.dropped(d)
         if self.a_cell is not None:
             lengths = None if mask is None else mask.sum(1)
             back = lambda t: rearrange(reverse_by_length(rearrange(t, "t b f -> b t f"), lengths), "b t f -> t b f")  # noqa: E731

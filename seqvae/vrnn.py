@@ -74,6 +74,7 @@ class VRNNConfig:
     components: int = 5  # mixture components (output=mixture or strokes)
     min_scale: float = 1e-3  # floor on the output Gaussians' standard deviations
     output_bias_from_data: bool = False  # Bernoulli output: start the output bias at the logit of the training mean
+    dropout: float = 0.0  # training: dropout on h_{t-1} where the decoder and the prior read it (0 = none)
 
     def validate(self) -> "VRNNConfig":
         _check_common(self)
@@ -106,6 +107,7 @@ class RNNConfig:
     components: int = 5  # mixture components (output=mixture or strokes)
     min_scale: float = 1e-3  # floor on the output Gaussians' standard deviations
     output_bias_from_data: bool = False  # Bernoulli output: start the output bias at the logit of the training mean
+    dropout: float = 0.0  # training: dropout on h_{t-1} where the decoder reads it (0 = none)
 
     def validate(self) -> "RNNConfig":
         _check_common(self)
@@ -147,6 +149,7 @@ def _check_common(cfg) -> None:
     check(cfg.decoder_layers >= 1, f"model.decoder_layers must be at least 1, got {cfg.decoder_layers}")
     check(cfg.components >= 1, f"model.components must be at least 1, got {cfg.components}")
     check(cfg.min_scale > 0, f"model.min_scale must be positive, got {cfg.min_scale}")
+    check(0 <= cfg.dropout < 1, f"model.dropout must lie in [0, 1), got {cfg.dropout}")
 
 
 @dataclass
@@ -216,6 +219,10 @@ class SequenceModel(RecurrentModel):
 
     def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
         check_sequences(x, self.config.x_dim, self.head, mask)
+
+    def dropped(self, h: Tensor) -> Tensor:
+        """h as the output networks see it: through dropout (model.dropout) in training, as it is otherwise."""
+        return torch.nn.functional.dropout(h, self.config.dropout, self.training)
 
     def initial_state(self, batch_size: int) -> CellState:
         """h_0 = 0 (and c_0 = 0 for an LSTM) for a batch."""
@@ -313,9 +320,10 @@ class VRNN(SequenceModel):
 
     def score(self, x: Tensor, outs: VRNNStep, state: Any = None) -> Terms:
         """log p(x_t | z_t, h_{t-1}), q and p for x (b, t, x), the decoder and prior batched over t."""
-        output = self.head(self.decoder.over(outs.fz, outs.h))  # batch (b, t)
+        h = self.dropped(outs.h)
+        output = self.head(self.decoder.over(outs.fz, h))  # batch (b, t)
         posterior = diagonal_normal(outs.loc, outs.scale)
-        return Terms(output.log_prob(x), posterior, self.prior(outs.h), outs.z, output=output)
+        return Terms(output.log_prob(x), posterior, self.prior(h), outs.z, output=output)
 
 
 class RNN(SequenceModel):
@@ -350,5 +358,5 @@ class RNN(SequenceModel):
         return out, self.cell.update(cell_x, self.cell.hidden_gates(h), state)
 
     def score(self, x: Tensor, outs: RNNStep, state: Any = None) -> Terms:
-        output = self.head(self.decoder(outs.h))  # p(x_t | h_{t-1}), batch (b, t)
+        output = self.head(self.decoder(self.dropped(outs.h)))  # p(x_t | h_{t-1}), batch (b, t)
         return Terms(output.log_prob(x), output=output)

@@ -31,9 +31,10 @@ def model_for(kind, output, cell="gru", prior="learned", x_dim=6):
 LENGTHS = torch.tensor([7, 5, 2, 7])
 
 
-def _by_hand(model, x, mask):
+def _by_hand(model, x, mask, drop=lambda h, t: h):
     """The VRNN / RNN equations written out directly, one step at a time, from the model's
-    own networks applied to whole inputs (no precompute, no blocks): (log p(x_t), KL_t, h_T)."""
+    own networks applied to whole inputs (no precompute, no blocks): (log p(x_t), KL_t, h_T).
+    `drop(h, t)` is what the decoder and the prior see of h_{t-1} (its dropout)."""
     state = model.initial_state(x.shape[0])
     log_px, kl = [], []
     for t in range(x.shape[1]):
@@ -44,11 +45,11 @@ def _by_hand(model, x, mask):
             z = loc + scale * torch.randn_like(loc)
             fz = model.phi_z(z)
             q = Independent(Normal(loc, scale), 1)
-            kl.append(kl_divergence(q, model.prior(h)))
-            params = model.decoder(torch.cat([fz, h], -1))
+            kl.append(kl_divergence(q, model.prior(drop(h, t))))
+            params = model.decoder(torch.cat([fz, drop(h, t)], -1))
             new = model.cell([fx, fz], state)
         else:
-            params = model.decoder(h)
+            params = model.decoder(drop(h, t))
             kl.append(torch.zeros(x.shape[0], dtype=x.dtype))
             new = model.cell(fx, state)
         log_px.append(model.head(params).log_prob(x[:, t]))
@@ -78,6 +79,38 @@ def test_the_unroll_equals_the_equations_step_by_step(kind, cell, prior):
     torch.testing.assert_close(torch.cat([s.log_px for s in steps], 1), log_px, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.cat([s.kl() for s in steps], 1), kl, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(final.h, h, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["vrnn", "rnn"])
+def test_dropout_drops_h_where_the_decoder_and_prior_read_it_and_only_in_training(kind, monkeypatch):
+    model = model_for(kind, "bernoulli").double()
+    model.config.dropout = 0.5
+    x = data_for("bernoulli").double()
+    mask = torch.arange(7)[None] < LENGTHS[:, None]
+    keep = (torch.rand(4, 7, 8, generator=torch.Generator().manual_seed(9)) > 0.5).double()
+    torch.manual_seed(1)
+    log_px, kl, h = _by_hand(model, x, mask, drop=lambda h, t: h * keep[:, t] * 2.0)  # a known mask, scaled by 1 / (1 - p)
+    seen = []
+
+    def dropout(h, p, training):
+        seen.append((p, training))
+        return h * keep * 2.0
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    torch.manual_seed(1)
+    run = unroll(model.train(), x, mask=mask)
+    assert seen == [(0.5, True)]
+    torch.testing.assert_close(run.terms.log_px, log_px, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run.terms.kl(), kl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run.state.h, h, rtol=1e-12, atol=1e-12)  # the recurrence carries h itself
+    monkeypatch.undo()
+    torch.manual_seed(1)
+    evaluated = unroll(model.eval(), x, mask=mask).terms
+    model.config.dropout = 0.0
+    torch.manual_seed(1)
+    plain = unroll(model.train(), x, mask=mask).terms
+    torch.testing.assert_close(evaluated.log_px, plain.log_px, rtol=0, atol=0)
+    assert (evaluated.log_px - log_px).abs().max() > 1e-3  # the mask above did change the terms
 
 
 def test_generation_runs_the_same_step_from_the_prior():
