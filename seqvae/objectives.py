@@ -209,7 +209,7 @@ def _elbo_chunk(model, x, *, mask, carry, beta, free_bits, **_):
 
 
 def _iwae_chunk(model, x, *, k, mask, carry, beta, **_):
-    run = unroll(model, _rows(x, k), mask=_rows(mask, k), state=carry.state)
+    run = unroll(model, _rows(x, k), mask=_rows(mask, k), state=carry.state, particles=k)
     log_w = carry.log_w + rearrange(run.terms.log_weight(beta), "(k b) -> k b", k=k)
     value = log_mean_exp(log_w, 0) - log_mean_exp(carry.log_w, 0)
     return value, Carry(run.state, log_w, carry.acc)
@@ -252,7 +252,7 @@ def _fivo_chunk(model, x, *, k, mask, carry, beta, resample_threshold, **_):
         return map_state(lambda s: s.index_select(0, index), state)
 
     start = carry.acc + log_mean_exp(carry.log_w, 0)
-    run = unroll(model, _rows(x, k), mask=_rows(mask, k), state=carry.state, between=between)
+    run = unroll(model, _rows(x, k), mask=_rows(mask, k), state=carry.state, between=between, particles=k)
     end = filt["acc"] + log_mean_exp(filt["log_w"], 0)
     return end - start, Carry(run.state, filt["log_w"], filt["acc"])
 

@@ -38,6 +38,12 @@ may replace the state (resampling). `generate(model, n, steps)` runs the step wi
 observation. The loop holds no host synchronisation and no Python branch on tensor
 values, so that it can be traced (torch.compile, CUDA graphs).
 
+Multi-sample bounds fold k particles into the batch (rows ordered (particle, example)) and
+say so with `unroll(..., particles=k)`; a model's dropout goes through `dropout(h, p,
+training, dim)`, which draws one mask per example and gives it to all of that example's
+particles, so that the k samples of z are weighed under one dropped-out network (with a
+mask per row the log-mean-exp of the weights would also pick the luckiest masks).
+
 `reverse_by_length(x, lengths)` reverses each padded sequence's real steps in place of
 the padding-first flip, for backward RNNs: padding stays at the end and never reaches a
 real step. `scan(cell, gates, state)` runs a deterministic cell over precomputed input
@@ -65,7 +71,22 @@ __all__ = [
     "where_state",
     "reverse_by_length",
     "scan",
+    "dropout",
 ]
+
+_PARTICLES = [1]  # particles per example in the batch that unroll is running (rows: (particle, example))
+
+
+def dropout(h: Tensor, p: float, training: bool, dim: int) -> Tensor:
+    """Dropout of a model's units h inside `unroll`, one mask per example shared by its
+    particles (`dim`: h's row dimension, ordered (particle, example))."""
+    k = _PARTICLES[0]
+    if k == 1 or not training or p == 0:
+        return torch.nn.functional.dropout(h, p, training)
+    shape = list(h.shape)
+    shape[dim] //= k
+    keep = torch.nn.functional.dropout(h.new_ones(shape), p, training)  # 0 or 1 / (1 - p), per example
+    return h * torch.cat([keep] * k, dim)
 
 
 class Unrolled(NamedTuple):
@@ -150,13 +171,23 @@ def unroll(
     state: Any = None,
     between: Callable[[int, Terms, Any], Any] | None = None,
     keep_states: bool = False,
+    particles: int = 1,
 ) -> Unrolled:
     """Run the model over x from `state` (None: the initial state); see the module docstring.
 
     mask (b, t): True on real steps (sequence models only). between(t, terms_t, state) -> state
     is called after each step t with that step's terms (scored by `model.score` on the one
-    step); the terms of the whole pass are then not assembled.
+    step); the terms of the whole pass are then not assembled. particles: x's rows are this
+    many particles of each example, ordered (particle, example) (dropout masks are shared).
     """
+    previous, _PARTICLES[0] = _PARTICLES[0], particles
+    try:
+        return _unroll(model, x, mask, state, between, keep_states)
+    finally:
+        _PARTICLES[0] = previous
+
+
+def _unroll(model, x, mask, state, between, keep_states) -> Unrolled:
     b = x.shape[0]
     if mask is not None:  # padded steps are zeroed so that nothing there can leak into a result
         x = x.masked_fill(~mask.view(*mask.shape, *([1] * (x.dim() - 2))), 0.0)

@@ -151,7 +151,7 @@ class SRNN(SequenceModel):
         x_prev = torch.cat([state.x[None], xt[:-1]])  # (t, b, x): x_{t-1}
         d, c = scan(self.d_cell, self.d_cell.input_gates(0, x_prev, bias=True), CellState(state.d, state.c))  # (t, b, d)
         carried = d  # the recurrence carries d_t itself; its uses below see it through dropout (training only)
-        d = self.dropped(d)
+        d = self.dropped(d, dim=1)  # (t, b, d)
         if self.a_cell is not None:
             lengths = None if mask is None else mask.sum(1)
             back = lambda t: rearrange(reverse_by_length(rearrange(t, "t b f -> b t f"), lengths), "b t f -> t b f")  # noqa: E731

@@ -45,7 +45,7 @@ from .cells import CELLS, CellState, make_cell
 from .configs import check, configure
 from .distributions import HEAD_NAMES, make_head
 from .nets import MLP, GaussianNet, MLPHead
-from .recurrent import RecurrentModel, generate, unroll
+from .recurrent import RecurrentModel, dropout, generate, unroll
 from .sequences import check_sequences, resolve_mask
 from .terms import Terms, diagonal_normal, standard_normal_like
 
@@ -220,9 +220,10 @@ class SequenceModel(RecurrentModel):
     def check_input(self, x: Tensor, mask: Tensor | None = None) -> None:
         check_sequences(x, self.config.x_dim, self.head, mask)
 
-    def dropped(self, h: Tensor) -> Tensor:
-        """h as the output networks see it: through dropout (model.dropout) in training, as it is otherwise."""
-        return torch.nn.functional.dropout(h, self.config.dropout, self.training)
+    def dropped(self, h: Tensor, dim: int = 0) -> Tensor:
+        """h (rows along `dim`) as the output networks see it: through dropout (model.dropout) in
+        training, one mask per example shared by its particles; as it is otherwise."""
+        return dropout(h, self.config.dropout, self.training, dim)
 
     def initial_state(self, batch_size: int) -> CellState:
         """h_0 = 0 (and c_0 = 0 for an LSTM) for a batch."""

@@ -114,6 +114,19 @@ def test_dropout_drops_d_where_it_is_used_and_not_in_the_recurrence_and_only_in_
     assert (evaluated.log_px - log_px).abs().max() > 1e-3  # the mask above did change the terms
 
 
+def test_an_examples_particles_share_one_dropout_mask():
+    """The prior of the first step, p(z_1 | z_0 = 0, d_1), reads only the dropped-out d_1: equal
+    for the particles of one example (rows (particle, example)), different between examples."""
+    model = model_for("smoothing").train()
+    model.config.dropout = 0.5
+    x, _ = data()
+    x = torch.cat([x[:1]] * 4)
+    torch.manual_seed(2)
+    loc = unroll(model, x.repeat(3, 1, 1), particles=3).terms.prior.base_dist.loc[:, 0].view(3, 4, -1)
+    assert torch.equal(loc[0], loc[1]) and torch.equal(loc[0], loc[2])
+    assert (loc[0, 0] - loc[0, 1]).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("name", ["elbo", "iwae", "fivo"])
 def test_padding_changes_nothing(name):
     model = model_for("smoothing", output="gaussian")

@@ -113,6 +113,26 @@ def test_dropout_drops_h_where_the_decoder_and_prior_read_it_and_only_in_trainin
     assert (evaluated.log_px - log_px).abs().max() > 1e-3  # the mask above did change the terms
 
 
+def test_an_examples_particles_share_one_dropout_mask():
+    """IWAE and FIVO fold k particles into the batch: a mask per row would give each particle its
+    own network. The RNN has no latents, so particles of one example that share a mask have
+    equal terms; the masks still differ between examples and between training steps."""
+    model = model_for("rnn", "bernoulli").double().train()
+    model.config.dropout = 0.5
+    x = data_for("bernoulli").double()
+    x = torch.cat([x[:1]] * 4)  # four copies of one sequence: only the masks tell them apart
+    rows = x.repeat(3, 1, 1)  # (particle, example) rows, as the bounds make them
+    torch.manual_seed(1)
+    log_px = unroll(model, rows, particles=3).terms.log_px.view(3, 4, 7)
+    assert torch.equal(log_px[0], log_px[1]) and torch.equal(log_px[0], log_px[2])
+    assert (log_px[0, 0] - log_px[0, 1]).abs().max() > 1e-3  # each example its own mask
+    torch.manual_seed(1)
+    per_row = unroll(model, rows).terms.log_px.view(3, 4, 7)
+    assert (per_row[0] - per_row[1]).abs().max() > 1e-3  # (without particles=3: a mask per row)
+    torch.manual_seed(1)
+    assert torch.isfinite(seqvae.iwae_bound(model, x, k=3)).all()
+
+
 def test_generation_runs_the_same_step_from_the_prior():
     """generate() draws z_t from p(z_t | h_{t-1}) and x_t from the decoder, and feeds x_t back."""
     model = model_for("vrnn", "bernoulli").double()
