@@ -194,7 +194,7 @@ def test_fashion_mnist_files_are_registered_like_mnist():
 
 
 def test_eval_shows_progress_with_a_rate_and_time_left_on_a_terminal(tmp_path, data_dir):
-    cfg = build_config("rnn", "quick", ["data.limit=16", "data.valid_limit=4", "train.epochs=1", "train.progress=false"],
+    cfg = build_config("vrnn", "quick", ["data.limit=16", "data.valid_limit=4", "train.epochs=1", "train.progress=false"],
                        "jsb_chorales", str(data_dir))
     Trainer(cfg, tmp_path / "r", log=quiet).fit()
     env = {**os.environ, "SEQVAE_DATA": str(data_dir), "PYTHONPATH": str(REPO), "COLUMNS": "120"}
