@@ -144,7 +144,7 @@ def cmd_eval(args, extra: list[str]) -> int:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     run_dir, spec, config, model, payload, device = _load(args)
     if not spec.latents and args.k != 1:  # every sample would be the same computation
-        print(f"{config.model_kind} has no latent variables: its likelihood is exact and computed once (k=1, not {args.k})")
+        print(f"{config.model_kind} has no latent variables: its {args.bound} equals its exact likelihood and is computed once (k=1, not {args.k})")
         args.k = 1
     torch.manual_seed(args.seed)
     dc = config.data

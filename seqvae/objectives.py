@@ -345,7 +345,7 @@ def importance_log_likelihood(model, x: Tensor, *, k: int, max_rows: int = 8192,
         total, done = None, 0
         while done < k:
             kc = min(per_example, k - done)
-            terms = unroll(model, _rows(xb, kc), mask=_rows(mb, kc)).terms
+            terms = unroll(model, _rows(xb, kc), mask=_rows(mb, kc), particles=kc).terms
             lse = torch.logsumexp(rearrange(terms.log_weight(), "(k b) -> k b", k=kc), dim=0)  # (b,)
             total = lse if total is None else torch.logaddexp(total, lse)
             done += kc

@@ -60,7 +60,7 @@ def test_eval_of_a_model_without_latents_computes_its_exact_likelihood_once(tmp_
     seqvae("train", "rnn", "--data", "jsb_chorales", "--preset", "quick", "--name", "r", "--data.limit=16", "--data.valid_limit=4",
            "--train.epochs=1", cwd=tmp_path, data_dir=data_dir)
     out = seqvae("eval", "r", "--limit", "5", cwd=tmp_path, data_dir=data_dir).stdout  # the default k for ll is 5000
-    assert "exact and computed once (k=1, not 5000)" in out
+    assert "its ll equals its exact likelihood and is computed once (k=1, not 5000)" in out
     ll = json.loads((tmp_path / "runs" / "r" / "eval_test_ll_k1.json").read_text())
     seqvae("eval", "r", "--bound", "elbo", "--limit", "5", cwd=tmp_path, data_dir=data_dir)
     exact = json.loads((tmp_path / "runs" / "r" / "eval_test_elbo_k1.json").read_text())  # no latents: the ELBO is log p(x)

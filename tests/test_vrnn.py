@@ -113,7 +113,7 @@ def test_dropout_drops_h_where_the_decoder_and_prior_read_it_and_only_in_trainin
     assert (evaluated.log_px - log_px).abs().max() > 1e-3  # the mask above did change the terms
 
 
-def test_an_examples_particles_share_one_dropout_mask():
+def test_an_examples_particles_share_one_dropout_mask(monkeypatch):
     """IWAE and FIVO fold k particles into the batch: a mask per row would give each particle its
     own network. The RNN has no latents, so particles of one example that share a mask have
     equal terms; the masks still differ between examples and between training steps."""
@@ -129,8 +129,13 @@ def test_an_examples_particles_share_one_dropout_mask():
     torch.manual_seed(1)
     per_row = unroll(model, rows).terms.log_px.view(3, 4, 7)
     assert (per_row[0] - per_row[1]).abs().max() > 1e-3  # (without particles=3: a mask per row)
-    torch.manual_seed(1)
-    assert torch.isfinite(seqvae.iwae_bound(model, x, k=3)).all()
+    # the bounds say that their rows are particles: every mask is drawn per example (4 rows), not per row (12)
+    rows_seen = []
+    real = torch.nn.functional.dropout
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda h, p, training: rows_seen.append(h.shape[0]) or real(h, p, training))
+    for value in (seqvae.iwae_bound(model, x, k=3), seqvae.fivo_bound(model, x, k=3), seqvae.log_likelihood(model, x, k=3)):
+        assert torch.isfinite(value).all()
+    assert len(rows_seen) == 1 + 7 + 1 and set(rows_seen) == {4}  # IWAE's batched score, FIVO's 7 steps, the estimate
 
 
 def test_generation_runs_the_same_step_from_the_prior():
