@@ -174,25 +174,66 @@ class Filterbanks(nn.Module):
         pad[1, :, height:] = float("-inf")
         self.register_buffer("pad", pad if height != width else None, persistent=False)
 
+    def params(self, raw: Tensor) -> AttentionParams:
+        """The attention parameters (..., ) in pixel units of raw (..., 5) = (g~X, g~Y, log sigma^2,
+        log delta~, log gamma) (eqs 22-24); the same values `forward` returns."""
+        g, logs = raw.split([2, 3], dim=-1)
+        centre = torch.addcmul(self.half_size, g, self.half_size)  # (..., 2): gx, gy  (eqs 22-23)
+        e = logs.clamp(max=_LOG_MAX).exp()  # (..., 3): sigma2, delta~, gamma; finite (see _LOG_MAX)
+        sigma2, delta, gamma = e.unbind(-1)
+        gx, gy = centre.unbind(-1)
+        return AttentionParams(gx, gy, delta * self.stride, sigma2, gamma)  # delta: eq 24
+
     def forward(self, raw: Tensor) -> tuple[Tensor, Tensor, AttentionParams]:
-        # raw (b, 5) = (g~X, g~Y, log sigma^2, log delta~, log gamma)
-        g, logs = raw.split([2, 3], dim=1)
-        centre = torch.addcmul(self.half_size, g, self.half_size)  # (b, 2): gx, gy  (eqs 22-23)
-        sigma2, delta, gamma = logs.clamp(max=_LOG_MAX).exp().unbind(1)  # (b,) each; finite (see _LOG_MAX)
-        delta = delta * self.stride  # (eq 24)
-        mu = torch.addcmul(centre.unsqueeze(-1), delta.clamp(max=_FAR).view(-1, 1, 1), self.offsets)  # (b, 2, n)  (eqs 19-20)
-        sq = (self.grid - mu.clamp(-_FAR, _FAR).unsqueeze(-1)).square()  # (b, 2, n, size)
+        fy, fx, att, _ = self.forward_saving(raw)
+        return fy, fx, att
+
+    def forward_saving(self, raw: Tensor) -> tuple[Tensor, Tensor, AttentionParams, tuple]:
+        """forward, and what `backward` needs. raw (b, 5)."""
+        att = self.params(raw)
+        centre = torch.stack([att.gx, att.gy], dim=1)  # (b, 2)
+        mu = torch.addcmul(centre.unsqueeze(-1), att.delta.clamp(max=_FAR).view(-1, 1, 1), self.offsets)  # (b, 2, n)  (eqs 19-20)
+        diff = self.grid - mu.clamp(-_FAR, _FAR).unsqueeze(-1)  # (b, 2, n, size)
+        sq = diff.square()
         # the nearest real pixel's logit is exactly 0; coef is finite (see filterbank)
         sq = sq - (sq if self.pad is None else sq - self.pad).amin(dim=-1, keepdim=True)
-        coef = (sigma2.clamp_min(_SIGMA2_MIN) * -2).reciprocal().view(-1, 1, 1, 1)  # -1 / (2 sigma^2)
+        coef = (att.sigma2.clamp_min(_SIGMA2_MIN) * -2).reciprocal().view(-1, 1, 1, 1)  # -1 / (2 sigma^2)
         logits = sq * coef  # (b, 2, n, size)
         if self.pad is not None:
             logits = logits + self.pad
-        fx, fy = logits.softmax(dim=-1).unbind(1)  # rows sum to 1; denominator >= 1 (see filterbank)
+        both = logits.softmax(dim=-1)  # rows sum to 1; denominator >= 1 (see filterbank)
+        fx, fy = both.unbind(1)
         if self.pad is not None:
             fx, fy = fx[..., : self.width], fy[..., : self.height]
-        gx, gy = centre.unbind(1)
-        return fy, fx, AttentionParams(gx, gy, delta, sigma2, gamma)
+        return fy, fx, att, (raw, att, mu, diff, sq, coef, both)
+
+    def backward(self, saved: tuple, dfy: Tensor, dfx: Tensor, dgamma: Tensor) -> Tensor:
+        """The gradient of raw (b, 5) given those of fy, fx and gamma (the hand-written backward
+        of forward_saving, for fused.py; equal to autograd's, see the tests):
+
+            F = softmax(l):              dl = F (dF - sum_a dF F)
+            l = coef (a - mu)^2 + const: dmu = -2 coef sum_a dl (a - mu),  dcoef = sum dl (a - mu)^2
+                                         (the row's shift cancels in the softmax)
+            coef = -1 / (2 sigma^2):     dsigma^2 = 2 coef^2 dcoef
+            mu = g + offset_i delta:     dg = sum_i dmu, ddelta = sum_i offset_i dmu
+            then through g = (s+1)/2 (g~ + 1) and the exponentials of the logs.
+        """
+        raw, att, mu, diff, sq, coef, both = saved
+        if self.pad is None:
+            dboth = torch.stack([dfx, dfy], dim=1)  # (b, 2, n, size)
+        else:
+            dboth = both.new_zeros(both.shape)
+            dboth[:, 0, :, : self.width] = dfx
+            dboth[:, 1, :, : self.height] = dfy
+        dlogits = both * (dboth - (dboth * both).sum(-1, keepdim=True))
+        dcoef = (dlogits * sq).sum((1, 2, 3))  # (b,)
+        dmu = (dlogits * diff).sum(-1) * (-2 * coef.view(-1, 1, 1)) * (mu.abs() <= _FAR)  # (b, 2, n)
+        ddelta = (dmu * self.offsets).sum((1, 2)) * (att.delta <= _FAR)
+        dsigma2 = dcoef * 2 * coef.view(-1).square() * (att.sigma2 >= _SIGMA2_MIN)
+        logs = raw[:, 2:]
+        de = torch.stack([dsigma2, ddelta * self.stride, dgamma], dim=1)  # (b, 3)
+        dlogs = de * logs.clamp(max=_LOG_MAX).exp() * (logs <= _LOG_MAX)
+        return torch.cat([dmu.sum(-1) * self.half_size, dlogs], dim=1)
 
 
 class NoRead(nn.Module):

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .attention import HEADS, AttentionParams, make_read_head, make_write_head
 from .cells import CellState, LSTMCell
 from .configs import check, configure
@@ -207,6 +208,12 @@ class DRAW(RecurrentModel):
         update, write_att = self.write_head(h_dec)
         step = DrawStep(z, loc, scale, read_att, write_att)
         return step, DrawState(state.canvas + update, h_enc, c_enc, h_dec, c_dec)
+
+    def fused_unroll(self, x: Tensor, state: DrawState, mask: Tensor | None) -> tuple[DrawStep, DrawState] | None:
+        """All T glimpses as one Function with a hand-written backward (fused.py), when it applies."""
+        if not fused.enabled(x, *self.parameters()):
+            return None
+        return fused.draw_unroll(self, x, state)
 
     def score(self, x: Tensor, outs: DrawStep, state: DrawState) -> Terms:
         """log D(x | c_T) (b, 1) from the final canvas, and q(z_t | ..) and p(z_t) = N(0, I) per glimpse."""

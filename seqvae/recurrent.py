@@ -192,6 +192,11 @@ def _unroll(model, x, mask, state, between, keep_states) -> Unrolled:
     if mask is not None:  # padded steps are zeroed so that nothing there can leak into a result
         x = x.masked_fill(~mask.view(*mask.shape, *([1] * (x.dim() - 2))), 0.0)
     state = model.initial_state(b) if state is None else state
+    if between is None and not keep_states:
+        fused = model.fused_unroll(x, state, mask)
+        if fused is not None:  # the model's whole pass as one hand-written kernel (fused.py)
+            outs, state = fused
+            return Unrolled(_mask_terms(model.score(x, outs, state), mask), state, outs)
     inputs = model.precompute(x, state=state, mask=mask)
     outs, states = [], []
     with unrolled(model):  # large weight gradients once per sequence, not once per step (linear.py)
@@ -249,6 +254,12 @@ class RecurrentModel(nn.Module):
 
     def step(self, inputs: Any, state: Any) -> tuple[Any, Any]:
         raise NotImplementedError
+
+    def fused_unroll(self, x: Tensor, state: Any, mask: Tensor | None) -> tuple[Any, Any] | None:
+        """The whole pass over x (masked x zeroed) from `state` as one hand-written kernel (fused.py):
+        (the step outputs stacked (b, t, ...), the final state), equal to the step loop's; None
+        where the model has none or it does not apply, and the step loop runs."""
+        return None
 
     def score(self, x: Tensor, outs: Any, state: Any) -> Terms:
         raise NotImplementedError
