@@ -227,12 +227,12 @@ class Filterbanks(nn.Module):
             dboth[:, 1, :, : self.height] = dfy
         dlogits = both * (dboth - (dboth * both).sum(-1, keepdim=True))
         dcoef = (dlogits * sq).sum((1, 2, 3))  # (b,)
-        dmu = (dlogits * diff).sum(-1) * (-2 * coef.view(-1, 1, 1)) * (mu.abs() <= _FAR)  # (b, 2, n)
-        ddelta = (dmu * self.offsets).sum((1, 2)) * (att.delta <= _FAR)
-        dsigma2 = dcoef * 2 * coef.view(-1).square() * (att.sigma2 >= _SIGMA2_MIN)
+        dmu = (dlogits * diff).sum(-1).mul_(-2 * coef.view(-1, 1, 1)).masked_fill_(mu.abs() > _FAR, 0)  # (b, 2, n)
+        ddelta = (dmu * self.offsets).sum((1, 2)).masked_fill_(att.delta > _FAR, 0)
+        dsigma2 = (dcoef * 2 * coef.view(-1).square()).masked_fill_(att.sigma2 < _SIGMA2_MIN, 0)
         logs = raw[:, 2:]
         de = torch.stack([dsigma2, ddelta * self.stride, dgamma], dim=1)  # (b, 3)
-        dlogs = de * logs.clamp(max=_LOG_MAX).exp() * (logs <= _LOG_MAX)
+        dlogs = (de * logs.clamp(max=_LOG_MAX).exp()).masked_fill_(logs > _LOG_MAX, 0)
         return torch.cat([dmu.sum(-1) * self.half_size, dlogs], dim=1)
 
 

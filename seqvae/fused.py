@@ -39,6 +39,7 @@ The maths of each backward, in the forward's notation:
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -46,8 +47,9 @@ from torch import Tensor
 from torch.autograd import Function
 
 from . import gemm
+from .nets import MIN_STD
 
-__all__ = ["enabled", "draw_unroll"]
+__all__ = ["enabled", "draw_unroll", "vrnn_unroll"]
 
 
 def enabled(x: Tensor, *params: Tensor) -> bool:
@@ -89,23 +91,69 @@ class _Product:
         return y
 
 
+# ------------------------------------------------------------------------------------ workspaces
+class _Workspace(dict):
+    """The named buffers of one pass (allocated once, reused by later passes of the same shapes:
+    fresh buffers of tens of megabytes at every training step would be mapped and unmapped by
+    the C allocator each time, ~10^4 page faults per step). A pass leases one in forward and
+    hands it back to its model's pool when its backward is done; a pass whose graph is dropped
+    without a backward keeps its workspace, which is freed with it."""
+
+    generation = 0
+
+
+_POOLS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+POOL_SIZE = 4  # workspaces kept per model (the most recently used shapes)
+STEP_ROUND = 32  # a workspace holds a multiple of this many steps, so that sequences of nearby lengths share it
+
+
+def _lease(model, steps: int, shapes: dict[str, tuple[int, ...]], like: Tensor) -> _Workspace:
+    """Buffers named in `shapes` (first size: extra steps, added to `steps`), of like's dtype."""
+    held = -(-steps // STEP_ROUND) * STEP_ROUND
+    key = (like.dtype, held, tuple(sorted(shapes.items())))
+    pool = _POOLS.setdefault(model, {})
+    ws = pool.pop(key, None)
+    if ws is None:
+        ws = _Workspace({name: like.new_empty(held + shape[0], *shape[1:]) for name, shape in shapes.items()})
+        ws.key = key
+    ws.generation += 1
+    ws.views = {name: buf[: steps + shapes[name][0]] for name, buf in ws.items()}
+    return ws
+
+
+def _release(model, ws: _Workspace) -> None:
+    pool = _POOLS.setdefault(model, {})
+    pool[ws.key] = ws
+    while len(pool) > POOL_SIZE:
+        pool.pop(next(iter(pool)))
+
+
+def _check_lease(ctx) -> None:
+    if ctx.ws.generation != ctx.generation:
+        raise RuntimeError(
+            "a second backward through a fused pass after a later pass reused its buffers; "
+            "keep one backward per pass, or set SEQVAE_FUSED=0 for the step loop"
+        )
+
+
 # ---------------------------------------------------------------------------------------- cells
-def lstm_forward(gates: Tensor, c: Tensor, h_out: Tensor, c_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """cells.lstm_update into h_out, c_out; returns what the backward needs: sigmoid(i, f, o), tanh(u), tanh(c')."""
+def lstm_forward(gates: Tensor, c: Tensor, h_out: Tensor, c_out: Tensor, tc_out: Tensor) -> None:
+    """cells.lstm_update in place: gates (b, 4d) becomes [sigmoid(i, f, o), tanh(u)], and c' into
+    c_out, tanh(c') into tc_out, h' into h_out (what the backward needs stays in gates and tc_out)."""
     d = c.shape[-1]
-    sig = torch.sigmoid(gates[:, : 3 * d])
-    u = torch.tanh(gates[:, 3 * d :])
+    sig = gates[:, : 3 * d].sigmoid_()
+    u = gates[:, 3 * d :].tanh_()
     i, f, o = sig.chunk(3, dim=-1)
     torch.addcmul(f * c, i, u, out=c_out)
-    tc = torch.tanh(c_out)
-    torch.mul(o, tc, out=h_out)
-    return sig, u, tc
+    torch.tanh(c_out, out=tc_out)
+    torch.mul(o, tc_out, out=h_out)
 
 
-def lstm_backward(dh: Tensor, dc: Tensor, saved: tuple[Tensor, Tensor, Tensor], c: Tensor, dgates: Tensor) -> Tensor:
-    """Gradients of an LSTM update: the pre-activations' into dgates (b, 4d); returns dc of the old c."""
-    sig, u, tc = saved
+def lstm_backward(dh: Tensor, dc: Tensor, acts: Tensor, tc: Tensor, c: Tensor, dgates: Tensor) -> Tensor:
+    """Gradients of an LSTM update (acts, tc from lstm_forward): the pre-activations' into dgates
+    (b, 4d); returns the gradient of the old c."""
     d = c.shape[-1]
+    sig, u = acts[:, : 3 * d], acts[:, 3 * d :]
     i, f, o = sig.chunk(3, dim=-1)
     dc = torch.addcmul(dc, dh * o, 1 - tc * tc)  # through h' = o tanh(c')
     dsig = dgates[:, : 3 * d]
@@ -115,10 +163,6 @@ def lstm_backward(dh: Tensor, dc: Tensor, saved: tuple[Tensor, Tensor, Tensor], 
     dsig.mul_(sig - sig * sig)
     torch.mul(dc * i, 1 - u * u, out=dgates[:, 3 * d :])
     return dc * f
-
-
-def _grad(g: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g
 
 
 # ------------------------------------------------------------------------------------------ DRAW
@@ -149,45 +193,51 @@ class _DrawSequence(Function):
         prod_enc = _Product(b, torch.cat([we[:, :nr], we[:, nr + d :]], dim=1))  # [r, h^enc] columns
         prod_q, prod_dz = _Product(b, wq, bq), _Product(b, wd[:, :nz])
         n_a = w_a.shape[0]
-
-        x = x.contiguous()
-        a_seq = x.new_empty(steps + 1, b, n_a)  # A_t from h^dec_t
-        enc_in = x.new_empty(steps + 1, b, nr + d)  # row t: [r_{t+1}, h^enc_t]
-        ce_seq, hd_seq, cd_seq = (x.new_empty(steps + 1, b, d) for _ in range(3))
-        q_seq, z_seq, eps = x.new_empty(steps, b, 2 * nz), x.new_empty(steps, b, nz), x.new_empty(steps, b, nz)
-        m_seq = x.new_empty(steps, b, c, hh, wi)  # sigmoid of the canvas' mean channels before step t
+        ws = _lease(model, steps, {  # first size: steps added
+            "a": (1, b, n_a),  # A_t from h^dec_t
+            "enc_in": (1, b, nr + d),  # row t: [r_{t+1}, h^enc_t]
+            "ce": (1, b, d), "hd": (1, b, d), "cd": (1, b, d),
+            "g_enc": (0, b, 4 * d), "g_dec": (0, b, 4 * d),  # the gates' activations
+            "tc_enc": (0, b, d), "tc_dec": (0, b, d),  # tanh(c_t)
+            "eps": (0, b, nz), "mean": (0, b, c, hh, wi),  # sigmoid(canvas) before step t
+            "v": (0, b, hh, 2 * c, wi) if read_fb else (0, 0),  # the glimpse's input: x, then x^
+            "da": (1, b, n_a), "dq": (0, b, 2 * nz),  # gradients, for the backward
+        }, x)
+        w = ws.views
+        a_seq, enc_in, ce_seq, hd_seq, cd_seq = w["a"], w["enc_in"], w["ce"], w["hd"], w["cd"]
+        g_enc, g_dec, tc_enc, tc_dec, eps, m_seq = w["g_enc"], w["g_dec"], w["tc_enc"], w["tc_dec"], w["eps"], w["mean"]
+        q_seq, z_seq = x.new_empty(steps, b, 2 * nz), x.new_empty(steps, b, nz)
         enc_in[0, :, nr:] = he0
         ce_seq[0], hd_seq[0], cd_seq[0] = ce0, hd0, cd0
-        if read_fb:  # the glimpse's input laid out (b, h, 2c, w): x, then the error image
-            v_seq = x.new_empty(steps, b, hh, 2 * c, wi)
+        if read_fb:
+            v_seq = w["v"]
             v_seq[:, :, :, :c] = x.transpose(1, 2)
             xhat_views = v_seq[:, :, :, c:].transpose(2, 3)  # (t, b, c, h, w) views
         prod_a(hd_seq[0], out=a_seq[0])
         canvas = canvas0
-        saved_enc, saved_dec, saved_read, saved_write = [], [], [], []
+        saved_read, saved_write = [], []
         for t in range(steps):
             a = a_seq[t]
             mean = torch.sigmoid(canvas[:, :c], out=m_seq[t])
             if read_fb:
                 torch.sub(x, mean, out=xhat_views[t])
                 fy, fx, att, fsaved = read.filters.forward_saving(a[:, read_rows])
-                v = v_seq[t].view(b, hh, 2 * c * wi)
-                u = torch.bmm(fy, v)  # (b, n, 2c w)
+                u = torch.bmm(fy, v_seq[t].view(b, hh, 2 * c * wi))  # (b, n, 2c w)
                 r0 = torch.bmm(u.view(b, -1, wi), fx.transpose(1, 2))  # (b, n 2c, n)
                 torch.mul(r0.view(b, -1), att.gamma.unsqueeze(-1), out=enc_in[t, :, :nr])
                 saved_read.append((fy, fx, att.gamma, fsaved, u, r0))
             else:
                 enc_in[t, :, : c * hh * wi] = x.flatten(1)
                 torch.sub(x.flatten(1), mean.flatten(1), out=enc_in[t, :, c * hh * wi : nr])
-            gates = prod_enc(enc_in[t], extra=a[:, enc_rows])
-            saved_enc.append(lstm_forward(gates, ce_seq[t], enc_in[t + 1, :, nr:], ce_seq[t + 1]))
+            gates = prod_enc(enc_in[t], extra=a[:, enc_rows], out=g_enc[t])
+            lstm_forward(gates, ce_seq[t], enc_in[t + 1, :, nr:], ce_seq[t + 1], tc_enc[t])
             q = prod_q(enc_in[t + 1, :, nr:], out=q_seq[t])
-            scale = q[:, nz:].exp()
             torch.randn(b, nz, out=eps[t])
-            z = torch.addcmul(q[:, :nz], scale, eps[t], out=z_seq[t])
-            gates = prod_dz(z, extra=a[:, dec_rows])
-            saved_dec.append(lstm_forward(gates, cd_seq[t], hd_seq[t + 1], cd_seq[t + 1]))
-            a = (prod_a if t + 1 < steps else prod_write)(hd_seq[t + 1], out=a_seq[t + 1] if t + 1 < steps else a_seq[t + 1, :, :nw])
+            z = torch.addcmul(q[:, :nz], q[:, nz:].exp(), eps[t], out=z_seq[t])
+            gates = prod_dz(z, extra=a[:, dec_rows], out=g_dec[t])
+            lstm_forward(gates, cd_seq[t], hd_seq[t + 1], cd_seq[t + 1], tc_dec[t])
+            last = t + 1 == steps
+            a = (prod_write if last else prod_a)(hd_seq[t + 1], out=a_seq[t + 1, :, :nw] if last else a_seq[t + 1])
             if write_fb:
                 patch, raw = a[:, : write.patch_size], a[:, write.patch_size : write.patch_size + 5]
                 fy, fx, att, fsaved = write.filters.forward_saving(raw)
@@ -198,24 +248,29 @@ class _DrawSequence(Function):
             else:
                 update = a[:, :nw].view(canvas.shape)
             canvas = canvas + update
-        ctx.model, ctx.dims = model, (steps, b, d, nz, c, hh, wi, nr, nw, n_a, read_fb, write_fb)
+        ctx.model, ctx.ws, ctx.generation = model, ws, ws.generation
+        ctx.dims = (steps, b, d, nz, c, hh, wi, nr, nw, n_a, read_fb, write_fb)
         ctx.prods = (prod_a, prod_enc, prod_q, prod_dz)
-        ctx.saved = (saved_enc, saved_dec, saved_read, saved_write)
-        ctx.save_for_backward(x, a_seq, enc_in, ce_seq, hd_seq, cd_seq, q_seq, z_seq, eps, m_seq,
-                              v_seq if read_fb else None)
-        raw_read = a_seq[:steps, :, read_rows] if read_fb else x.new_empty(0)
-        raw_write = a_seq[1:, :, write.patch_size : write.patch_size + 5] if write_fb else x.new_empty(0)
+        ctx.saved = (saved_read, saved_write)
+        ctx.save_for_backward(q_seq, z_seq)
+        raw_read = a_seq[:steps, :, read_rows].clone() if read_fb else x.new_empty(0)
+        raw_write = a_seq[1:, :, write.patch_size : write.patch_size + 5].clone() if write_fb else x.new_empty(0)
         ctx.mark_non_differentiable(*([] if read_fb else [raw_read]), *([] if write_fb else [raw_write]))
-        return (canvas, enc_in[steps, :, nr:], ce_seq[steps], hd_seq[steps], cd_seq[steps], q_seq, z_seq,
-                raw_read, raw_write)
+        return (canvas, enc_in[steps, :, nr:].clone(), ce_seq[steps].clone(), hd_seq[steps].clone(),
+                cd_seq[steps].clone(), q_seq, z_seq, raw_read, raw_write)
 
     @staticmethod
     def backward(ctx, dcanvas, dhe, dce, dhd, dcd, dq_out, dz_out, draw_read, draw_write):
-        model = ctx.model
+        _check_lease(ctx)
+        model, ws = ctx.model, ctx.ws
         steps, b, d, nz, c, hh, wi, nr, nw, n_a, read_fb, write_fb = ctx.dims
         prod_a, prod_enc, prod_q, prod_dz = ctx.prods
-        saved_enc, saved_dec, saved_read, saved_write = ctx.saved
-        x, a_seq, enc_in, ce_seq, hd_seq, cd_seq, q_seq, z_seq, eps, m_seq, v_seq = ctx.saved_tensors
+        saved_read, saved_write = ctx.saved
+        q_seq, z_seq = ctx.saved_tensors
+        w = ws.views
+        enc_in, ce_seq, hd_seq, cd_seq = w["enc_in"], w["ce"], w["hd"], w["cd"]
+        g_enc, g_dec, tc_enc, tc_dec, eps, m_seq = w["g_enc"], w["g_dec"], w["tc_enc"], w["tc_dec"], w["eps"], w["mean"]
+        da_seq, dq_seq = w["da"], w["dq"]
         read, write = model.read_head, model.write_head
         enc_rows, dec_rows = slice(nw, nw + 4 * d), slice(nw + 4 * d, nw + 8 * d)
         read_rows = slice(nw + 8 * d, nw + 8 * d + 5)
@@ -224,14 +279,15 @@ class _DrawSequence(Function):
         back_enc = _Product(b, prod_enc.weight.t())
         back_q, back_dz = _Product(b, prod_q.weight.t()), _Product(b, prod_dz.weight.t())
 
-        pc = model.canvas0.shape[0]
-        dcanvas = x.new_zeros(b, pc, hh, wi) if dcanvas is None else dcanvas.contiguous().clone()
-        dhe = _grad(dhe, ce_seq[0]).clone()
-        dce = _grad(dce, ce_seq[0]).clone()
-        dcd = _grad(dcd, ce_seq[0]).clone()
-        dhd_final = dhd
-        da_seq = x.new_zeros(steps + 1, b, n_a)  # gradients of A_t
-        dq_seq = x.new_empty(steps, b, 2 * nz)
+        zeros = ce_seq[0].new_zeros(b, d)
+        dcanvas = q_seq.new_zeros(b, model.canvas0.shape[0], hh, wi) if dcanvas is None else dcanvas.clone()
+        dhe = zeros if dhe is None else dhe
+        dce = zeros if dce is None else dce
+        dcd = zeros if dcd is None else dcd
+        da_seq[0, :, :nw] = 0  # A_0's write part and A_T's other parts are never read
+        da_seq[steps, :, nw:] = 0
+        if not read_fb:
+            da_seq[:, :, read_rows] = 0
         for t in reversed(range(steps)):
             da = da_seq[t + 1]
             if write_fb:  # the write of step t (from h^dec_{t+1})
@@ -239,7 +295,7 @@ class _DrawSequence(Function):
                 dfy, du = _paste_backward(fy, u, dcanvas, write.channels)
                 dpm = torch.bmm(du, fx.transpose(1, 2)).view(b, -1)  # (b, c n n)
                 dfx = torch.bmm(pm.view(b, -1, write.n).transpose(1, 2), du)  # (b, n, w)
-                dgamma = -(dpm * pm).sum(1) / gamma
+                dgamma = (dpm * pm).sum(1).div_(gamma).neg_()
                 torch.div(dpm, gamma.unsqueeze(-1), out=da[:, : write.patch_size])
                 draw = write.filters.backward(fsaved, dfy, dfx, dgamma)
                 if draw_write is not None:
@@ -247,28 +303,27 @@ class _DrawSequence(Function):
                 da[:, write.patch_size : write.patch_size + 5] = draw
             else:
                 da[:, :nw] = dcanvas.view(b, -1)
-            dhd = back_a(da)  # h^dec_{t+1}'s gradient from everything that read it
-            if t + 1 == steps and dhd_final is not None:
-                dhd = dhd + dhd_final
+            dhd_t = back_a(da)  # h^dec_{t+1}'s gradient from everything that read it
+            if t + 1 == steps and dhd is not None:
+                dhd_t = dhd_t + dhd
             # decoder
             dgates = da_seq[t, :, dec_rows]
-            dcd = lstm_backward(dhd, dcd, saved_dec[t], cd_seq[t], dgates)
-            dz = back_dz(dgates)
-            if dz_out is not None:
-                dz = dz + dz_out[t]
+            dcd = lstm_backward(dhd_t, dcd, g_dec[t], tc_dec[t], cd_seq[t], dgates)
+            dz = back_dz(dgates) if dz_out is None else back_dz(dgates, extra=dz_out[t])
             # posterior: z = loc + exp(log_scale) eps
             dq = dq_seq[t]
-            dq[:, :nz] = dz
-            torch.mul(dz * eps[t], q_seq[t, :, nz:].exp(), out=dq[:, nz:])
-            if dq_out is not None:
-                dq += dq_out[t]
+            if dq_out is None:
+                dq[:, :nz] = dz
+                torch.mul(dz * eps[t], q_seq[t, :, nz:].exp(), out=dq[:, nz:])
+            else:
+                torch.add(dq_out[t, :, :nz], dz, out=dq[:, :nz])
+                torch.addcmul(dq_out[t, :, nz:], dz * eps[t], q_seq[t, :, nz:].exp(), out=dq[:, nz:])
             dhe = back_q(dq, extra=dhe)
             # encoder
             dgates = da_seq[t, :, enc_rows]
-            dce = lstm_backward(dhe, dce, saved_enc[t], ce_seq[t], dgates)
+            dce = lstm_backward(dhe, dce, g_enc[t], tc_enc[t], ce_seq[t], dgates)
             dinp = back_enc(dgates)  # (b, R + d): [r, h^enc_t-1]
-            dhe = dinp[:, nr:]
-            dr = dinp[:, :nr]
+            dhe, dr = dinp[:, nr:], dinp[:, :nr]
             mean = m_seq[t]
             if read_fb:
                 fy, fx, gamma, fsaved, u, r0 = saved_read[t]
@@ -276,8 +331,7 @@ class _DrawSequence(Function):
                 dr0 = (dr * gamma.unsqueeze(-1)).view(b, -1, read.n)  # (b, n 2c, n)
                 du = torch.bmm(dr0, fx).view(b, read.n, -1)  # (b, n, 2c w)
                 dfx = torch.bmm(dr0.transpose(1, 2), u.view(b, -1, wi))  # (b, n, w)
-                v = v_seq[t].view(b, hh, -1)
-                dfy = torch.bmm(du, v.transpose(1, 2))  # (b, n, h)
+                dfy = torch.bmm(du, w["v"][t].view(b, hh, -1).transpose(1, 2))  # (b, n, h)
                 dv = torch.bmm(fy.transpose(1, 2), du).view(b, hh, 2 * c, wi)
                 dxhat = dv[:, :, c:].transpose(1, 2)  # (b, c, h, w)
                 draw = read.filters.backward(fsaved, dfy, dfx, dgamma)
@@ -287,23 +341,23 @@ class _DrawSequence(Function):
             else:
                 dxhat = dr[:, c * hh * wi :].view(b, c, hh, wi)
             # x^ = x - sigmoid(canvas): the canvas' mean channels
-            dcanvas[:, :c] -= dxhat * (mean - mean * mean)
+            dcanvas[:, :c].addcmul_(dxhat, mean * mean - mean)
         dhd0 = back_a(da_seq[0])
         # every weight's gradient: one product over all steps
-        flat = lambda s: s.reshape(-1, s.shape[-1])  # noqa: E731
-        da_flat = flat(da_seq)
-        dw_a = da_flat.t() @ flat(hd_seq)
+        da_flat = da_seq.view(-1, n_a)
+        dw_a = da_flat.t() @ hd_seq.view(-1, d)
         db_a = da_flat.sum(0)
-        dgates_enc = flat(da_seq[:steps, :, enc_rows])
-        dw_enc = dgates_enc.t() @ flat(enc_in[:steps])  # (4d, R + d)
-        dwq = flat(dq_seq).t() @ flat(enc_in[1:, :, nr:])
-        dbq = flat(dq_seq).sum(0)
-        dwdz = flat(da_seq[:steps, :, dec_rows]).t() @ flat(z_seq)
+        dgates_enc = da_seq[:steps, :, enc_rows].reshape(-1, 4 * d)
+        dw_enc = dgates_enc.t() @ enc_in[:steps].view(-1, nr + d)  # (4d, R + d)
+        dq_flat = dq_seq.view(-1, 2 * nz)
+        dwq = dq_flat.t() @ enc_in[1:, :, nr:].reshape(-1, d)
+        dwdz = da_seq[:steps, :, dec_rows].reshape(-1, 4 * d).t() @ z_seq.view(-1, nz)
         dwe = torch.cat([dw_enc[:, :nr], dw_a[enc_rows], dw_enc[:, nr:]], dim=1)
         dwd = torch.cat([dwdz, dw_a[dec_rows]], dim=1)
         dwr, dbr = (dw_a[read_rows], db_a[read_rows]) if read_fb else (None, None)
-        return (None, None, dcanvas, dhe, dce, dhd0, dcd,
-                dwe, db_a[enc_rows], dwq, dbq, dwd, db_a[dec_rows], dwr, dbr, dw_a[:nw], db_a[:nw])
+        _release(model, ws)
+        return (None, None, dcanvas, dhe.clone(), dce, dhd0, dcd,
+                dwe, db_a[enc_rows], dwq, dq_flat.sum(0), dwd, db_a[dec_rows], dwr, dbr, dw_a[:nw], db_a[:nw])
 
 
 def _paste(fy: Tensor, u: Tensor, channels: int) -> Tensor:
@@ -342,3 +396,195 @@ def draw_unroll(model, x: Tensor, state) -> tuple[Any, Any]:
     write_att = write.filters.params(raw_write.transpose(0, 1)) if hasattr(write, "filters") else None
     outs = DrawStep(z.transpose(0, 1), loc, log_scale.exp(), read_att, write_att)
     return outs, DrawState(canvas, he, ce, hd, cd)
+
+
+# ------------------------------------------------------------------------------------------ VRNN
+def _relu_chain(x: Tensor, layers: list, outs: list[Tensor]) -> Tensor:
+    """relu(layer(...)) through the layers, each activation into its out; returns the last."""
+    for layer, out in zip(layers, outs):
+        x = layer(x, out=out).relu_()
+    return x
+
+
+def _relu_backward(grad: Tensor, out: Tensor, into: Tensor) -> Tensor:
+    """grad where the ReLU's output is positive, 0 elsewhere, into `into`."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=into)
+
+
+def _gru_forward(gi: Tensor, gh: Tensor, h: Tensor, h_out: Tensor) -> None:
+    """cells.gru_update in place: gi (b, 3d) becomes [sigmoid(r, u), n], h' into h_out."""
+    d = h.shape[-1]
+    ru = gi[:, : 2 * d].add_(gh[:, : 2 * d]).sigmoid_()
+    n = gi[:, 2 * d :].addcmul_(ru[:, :d], gh[:, 2 * d :]).tanh_()
+    torch.lerp(n, h, ru[:, d:], out=h_out)
+
+
+def _gru_backward(dh: Tensor, acts: Tensor, gh: Tensor, h: Tensor, dgi: Tensor, dgh: Tensor) -> Tensor:
+    """Gradients of a GRU update (acts from _gru_forward, gh the hidden gates): the input and hidden
+    gates' into dgi, dgh (b, 3d); returns the gradient of h through h' = n + u (h - n)."""
+    d = h.shape[-1]
+    r, u, n = acts[:, :d], acts[:, d : 2 * d], acts[:, 2 * d :]
+    dn = torch.mul(dh - dh * u, 1 - n * n, out=dgi[:, 2 * d :])  # through tanh
+    torch.mul(dn, r, out=dgh[:, 2 * d :])
+    torch.mul(dn, gh[:, 2 * d :], out=dgi[:, :d])
+    torch.mul(dh, h - n, out=dgi[:, d : 2 * d])
+    ru = acts[:, : 2 * d]
+    dgi[:, : 2 * d].mul_(ru - ru * ru)  # through the sigmoids
+    dgh[:, : 2 * d] = dgi[:, : 2 * d]
+    return dh * u
+
+
+class _VRNNSequence(Function):
+    """The VRNN's step (vrnn.py) over T steps with a hand-written backward; see the module docstring.
+
+    Per step, with H = h_{t-1} [W_q,h; W_cell,h]^T (+ the GRU's hidden bias) one product:
+        q-net:  a_0 = relu(post_x_t + H_q), a_l = relu(a_{l-1} W_l^T + b_l), [loc, s~] = a_L W^T + b
+        z_t = loc + (softplus(s~) + 1e-4) eps_t;  phi_z: f_l = relu(f_{l-1} W_l^T + b_l), f_0 = z_t
+        gates = cell_x_t + phi_z(z_t) W_cell,z^T (+ H_cell);  the GRU or LSTM update; masked steps keep h.
+    """
+
+    @staticmethod
+    def forward(ctx, model, post_x, cell_x, h0, c0, mask, w_h, b_h, w_cz, *layer_params):
+        ctx.set_materialize_grads(False)
+        steps, b, f = post_x.shape
+        d, nz, lstm, g = h0.shape[1], model.z_size, c0 is not None, cell_x.shape[2]
+        n_q = len(model.posterior_net.net.layers) - 1  # the posterior's layers after the first (>= 1)
+        q_w, z_w = layer_params[: 2 * n_q], layer_params[2 * n_q :]
+        q_layers = [_Product(b, q_w[2 * i], q_w[2 * i + 1]) for i in range(n_q)]
+        z_layers = [_Product(b, z_w[2 * i], z_w[2 * i + 1]) for i in range(len(z_w) // 2)]
+        n_z = len(z_layers)
+        prod_h, prod_cz = _Product(b, w_h, b_h), _Product(b, w_cz)
+        ws = _lease(model, steps, {  # first size: steps added
+            "h": (1, b, d), "c": (1, b, d) if lstm else (0, 0),  # h_0..h_T (c_0..c_T)
+            "H": (0, b, f + g),  # the products of h_{t-1}
+            **{f"a{i}": (0, b, f) for i in range(n_q)},  # the q-net's hidden activations
+            **{f"f{i}": (0, b, f) for i in range(n_z)},  # phi_z's (the last: phi_z(z_t))
+            "eps": (0, b, nz), "gates": (0, b, g), "tc": (0, b, d) if lstm else (0, 0),
+            "dH": (0, b, f + g), "dgates": (0, b, g), "dout": (0, b, 2 * nz),  # gradients, for the backward
+            **{f"dq{i}": (0, b, f) for i in range(n_q - 1)}, **{f"dz{i}": (0, b, f) for i in range(n_z)},
+        }, post_x)
+        w = ws.views
+        hs, cs, big_h, gates_seq, tc_seq, eps = w["h"], w["c"], w["H"], w["gates"], w["tc"], w["eps"]
+        acts = [w[f"a{i}"] for i in range(n_q)]
+        fzs = [w[f"f{i}"] for i in range(n_z)]
+        out_seq, z_seq, scale_seq = post_x.new_empty(steps, b, 2 * nz), post_x.new_empty(steps, b, nz), post_x.new_empty(steps, b, nz)
+        hs[0] = h0
+        if lstm:
+            cs[0] = c0
+        for t in range(steps):
+            h = hs[t]
+            hq = prod_h(h, out=big_h[t])
+            a = torch.add(post_x[t], hq[:, :f], out=acts[0][t]).relu_()
+            for i in range(1, n_q):
+                a = q_layers[i - 1](a, out=acts[i][t]).relu_()
+            out = q_layers[-1](a, out=out_seq[t])
+            torch.add(torch.nn.functional.softplus(out[:, nz:]), MIN_STD, out=scale_seq[t])
+            torch.randn(b, nz, out=eps[t])
+            z = torch.addcmul(out[:, :nz], scale_seq[t], eps[t], out=z_seq[t])
+            fz = _relu_chain(z, z_layers, [fz_l[t] for fz_l in fzs])
+            gi = prod_cz(fz, extra=cell_x[t], out=gates_seq[t])
+            if lstm:
+                lstm_forward(gi.add_(hq[:, f:]), cs[t], hs[t + 1], cs[t + 1], tc_seq[t])
+            else:
+                _gru_forward(gi, hq[:, f:], h, hs[t + 1])
+            if mask is not None:  # a padded step keeps its state
+                keep = mask[:, t : t + 1]
+                torch.where(keep, hs[t + 1], h, out=hs[t + 1])
+                if lstm:
+                    torch.where(keep, cs[t + 1], cs[t], out=cs[t + 1])
+        ctx.model, ctx.ws, ctx.generation = model, ws, ws.generation
+        ctx.dims = (steps, b, f, d, nz, g, lstm, n_q, n_z, b_h is not None)
+        ctx.prods = (prod_h, prod_cz, q_layers, z_layers)
+        ctx.save_for_backward(mask, out_seq, z_seq)
+        return (hs[:steps].clone(), z_seq, fzs[-1].clone(), out_seq[:, :, :nz], scale_seq, hs[steps].clone(),
+                cs[steps].clone() if lstm else h0.new_empty(0))
+
+    @staticmethod
+    def backward(ctx, dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc):
+        _check_lease(ctx)
+        model, ws, w = ctx.model, ctx.ws, ctx.ws.views
+        steps, b, f, d, nz, g, lstm, n_q, n_z, has_bias = ctx.dims
+        prod_h, prod_cz, q_layers, z_layers = ctx.prods
+        mask, out_seq, z_seq = ctx.saved_tensors
+        hs, cs, big_h, gates_seq, tc_seq, eps = w["h"], w["c"], w["H"], w["gates"], w["tc"], w["eps"]
+        acts = [w[f"a{i}"] for i in range(n_q)]
+        fzs = [w[f"f{i}"] for i in range(n_z)]
+        d_h, dgates_seq, dout_seq = w["dH"], w["dgates"], w["dout"]
+        dqs = [w[f"dq{i}"] for i in range(n_q - 1)]
+        dzs = [w[f"dz{i}"] for i in range(n_z)]
+        back_h, back_cz = _Product(b, prod_h.weight.t()), _Product(b, prod_cz.weight.t())
+        back_q = [_Product(b, layer.weight.t()) for layer in q_layers]
+        back_z = [_Product(b, layer.weight.t()) for layer in z_layers]
+        dh = hs.new_zeros(b, d) if dh is None else dh
+        if lstm:
+            dc = hs.new_zeros(b, d) if dc is None else dc
+        for t in reversed(range(steps)):
+            dh_skip = None
+            if mask is not None:  # h_{t+1} = h_new where the step is real, h_t on padding
+                keep = mask[:, t : t + 1]
+                dh_skip, dh = torch.where(keep, 0.0, dh), torch.where(keep, dh, 0.0)
+                if lstm:
+                    dc_skip, dc = torch.where(keep, 0.0, dc), torch.where(keep, dc, 0.0)
+            dgates, dgh = dgates_seq[t], d_h[t, :, f:]
+            if lstm:
+                dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates)
+                if mask is not None:
+                    dc = dc + dc_skip
+                dgh.copy_(dgates)
+                dh_direct = None
+            else:
+                dh_direct = _gru_backward(dh, gates_seq[t], big_h[t, :, f:], hs[t], dgates, dgh)
+            dfz = back_cz(dgates) if dfz_out is None else back_cz(dgates, extra=dfz_out[t])
+            for i in reversed(range(n_z)):  # phi_z
+                dfz = back_z[i](_relu_backward(dfz, fzs[i][t], dzs[i][t]))
+            dz = dfz if dz_out is None else dfz + dz_out[t]
+            dout = dout_seq[t]  # [loc, s~]
+            if dloc_out is None:
+                dout[:, :nz] = dz
+            else:
+                torch.add(dz, dloc_out[t], out=dout[:, :nz])
+            dscale = dz * eps[t] if dscale_out is None else torch.addcmul(dscale_out[t], dz, eps[t])
+            torch.mul(dscale, torch.sigmoid(out_seq[t, :, nz:]), out=dout[:, nz:])  # softplus' = sigmoid
+            da = back_q[-1](dout)
+            for i in reversed(range(1, n_q)):  # the q-net's hidden layers
+                da = back_q[i - 1](_relu_backward(da, acts[i][t], dqs[i - 1][t]))
+            _relu_backward(da, acts[0][t], d_h[t, :, :f])
+            dh = back_h(d_h[t])
+            for extra in (dh_direct, dh_skip, None if dh_prev is None else dh_prev[t]):
+                if extra is not None:
+                    dh += extra
+        # every weight's gradient: one product over all steps
+        flat = lambda s: s.reshape(-1, s.shape[-1])  # noqa: E731
+        dh_flat, dg_flat = flat(d_h), flat(dgates_seq)
+        dw_h = dh_flat.t() @ flat(hs[:steps])
+        db_h = dh_flat.sum(0) if has_bias else None
+        dw_cz = dg_flat.t() @ flat(fzs[-1])
+        q_grads = []
+        for i in range(n_q):
+            dpre = flat(dout_seq) if i == n_q - 1 else flat(dqs[i])
+            q_grads += [dpre.t() @ flat(acts[i]), dpre.sum(0)]
+        z_grads = []
+        for i in range(n_z):
+            dpre = flat(dzs[i])
+            z_grads += [dpre.t() @ flat(z_seq if i == 0 else fzs[i - 1]), dpre.sum(0)]
+        # the inputs' gradients are the workspace's: autograd hands them on to the precompute's
+        # backward, which is done with them before any later pass can lease this workspace
+        dpost_x, dcell_x = d_h[:, :, :f], dgates_seq
+        _release(model, ws)
+        return (None, dpost_x, dcell_x, dh, dc if lstm else None, None, dw_h, db_h, dw_cz, *q_grads, *z_grads)
+
+
+def vrnn_unroll(model, post_x: Tensor, cell_x: Tensor, state, mask: Tensor | None) -> tuple[Tensor, ...]:
+    """The VRNN's pass from the precomputed (t, b, ...) inputs as one Function: h_{t-1}, z_t,
+    phi_z(z_t), loc_t, scale_t stacked (t, b, ...), and the final h (and c, for an LSTM)."""
+    f = post_x.shape[2]
+    cell = model.cell
+    q_first = model.posterior_net.net.layers[0]
+    if hasattr(cell, "hh"):  # GRU: W_ih [phi_x, phi_z], W_hh with its own bias
+        w_cz, w_ch, b_h = cell.ih.weight[:, f:], cell.hh.weight, torch.cat([cell.hh.bias.new_zeros(f), cell.hh.bias])
+    else:  # LSTM: one W over [phi_x, phi_z, h], the bias with phi_x's block
+        w_cz, w_ch, b_h = cell.linear.weight[:, f : 2 * f], cell.linear.weight[:, 2 * f :], None
+    w_h = torch.cat([q_first.weight[:, f:], w_ch])
+    layers = [p for layer in list(model.posterior_net.net.layers[1:]) + list(model.phi_z.layers)
+              for p in (layer.weight, layer.bias)]
+    return _VRNNSequence.apply(model, post_x, cell_x, state.h, state.c, mask, w_h, b_h, w_cz, *layers)

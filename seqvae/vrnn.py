@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import fused
 from .cells import CELLS, CellState, make_cell
 from .configs import check, configure
 from .distributions import HEAD_NAMES, make_head
@@ -290,10 +291,13 @@ class VRNN(SequenceModel):
             return standard_normal_like(h.new_zeros(*h.shape[:-1], self.z_size))
         return diagonal_normal(*self.prior_net(h))
 
-    def precompute(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> list[VRNNInput]:
+    def _features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """phi_x's share of the posterior's first layer and of the cell's gates, (t, b, f) and (t, b, g)."""
         fx = self.phi_x(x.transpose(0, 1))  # (t, b, f), all steps at once, time-major so that steps are contiguous
-        posterior_x = self.posterior_net.project(0, fx, bias=True)  # (t, b, f)
-        cell_x = self.cell.input_gates(0, fx, bias=True)  # (t, b, g)
+        return self.posterior_net.project(0, fx, bias=True), self.cell.input_gates(0, fx, bias=True)
+
+    def precompute(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> list[VRNNInput]:
+        posterior_x, cell_x = self._features(x)
         # unbind once: indexing a batched tensor at every step would make autograd allocate a
         # sequence-sized zero gradient per step (quadratic in t); unbind's backward is one stack
         return [VRNNInput(*parts) for parts in zip(posterior_x.unbind(0), cell_x.unbind(0))]
@@ -318,6 +322,14 @@ class VRNN(SequenceModel):
             out = VRNNStep(h, z, fz, loc, scale)
         gates = cell_x + self.cell.input_gates(1, fz)
         return out, self.cell.update(gates, self.cell.hidden_gates(h), state)
+
+    def fused_unroll(self, x: Tensor, state: CellState, mask: Tensor | None) -> tuple[VRNNStep, CellState] | None:
+        """All steps as one Function with a hand-written backward (fused.py), when it applies."""
+        if not fused.enabled(x, *self.parameters()):
+            return None
+        h_prev, z, fz, loc, scale, h, c = fused.vrnn_unroll(self, *self._features(x), state, mask)
+        outs = VRNNStep(*(s.transpose(0, 1) for s in (h_prev, z, fz, loc, scale)))  # (b, t, ...) views
+        return outs, CellState(h, c if state.c is not None else None)
 
     def score(self, x: Tensor, outs: VRNNStep, state: Any = None) -> Terms:
         """log p(x_t | z_t, h_{t-1}), q and p for x (b, t, x), the decoder and prior batched over t."""
