@@ -39,7 +39,9 @@ The maths of each backward, in the forward's notation:
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -406,6 +408,13 @@ def _relu_chain(x: Tensor, layers: list, outs: list[Tensor]) -> Tensor:
     return x
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """x W^T (+ b) into out."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 def _relu_backward(grad: Tensor, out: Tensor, into: Tensor) -> Tensor:
     """grad where the ReLU's output is positive, 0 elsewhere, into `into`."""
     return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=into)
@@ -434,6 +443,77 @@ def _gru_backward(dh: Tensor, acts: Tensor, gh: Tensor, h: Tensor, dgi: Tensor, 
     return dh * u
 
 
+def _vrnn_forward(post_x, cell_x, mask, hs, cs, big_h, acts, fzs, out_seq, scale_seq, eps, z_seq, gates_seq, tc_seq,
+                  w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std) -> None:
+    """The VRNN's forward loop (csrc/fused.cpp `vrnn_forward`, in Python): fills the buffers."""
+    steps, f, nz, g = post_x.shape[0], post_x.shape[2], eps.shape[2], cell_x.shape[2]
+    for t in range(steps):
+        h = hs[t]
+        hq = _linear(h, w_h, b_h, big_h[t])
+        a = torch.add(post_x[t], hq[:, :f], out=acts[0][t]).relu_()
+        for i in range(1, len(q_w)):
+            a = _linear(a, q_w[i - 1], q_b[i - 1], acts[i][t]).relu_()
+        out = _linear(a, q_w[-1], q_b[-1], out_seq[t])
+        scale = torch.add(torch.nn.functional.softplus(out[:, nz:]), min_std, out=scale_seq[t])
+        fz = torch.addcmul(out[:, :nz], scale, eps[t].normal_(), out=z_seq[t])
+        for l in range(len(z_w)):
+            fz = _linear(fz, z_w[l], z_b[l], fzs[l][t]).relu_()
+        gi = torch.addmm(cell_x[t], fz, w_cz.t(), out=gates_seq[t])
+        gh = hq[:, f : f + g]
+        if lstm:
+            lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t])
+        else:
+            _gru_forward(gi, gh, h, hs[t + 1])
+        if mask is not None:  # a padded step keeps its state
+            keep = mask[:, t : t + 1]
+            torch.where(keep, hs[t + 1], h, out=hs[t + 1])
+            if lstm:
+                torch.where(keep, cs[t + 1], cs[t], out=cs[t + 1])
+
+
+def _vrnn_backward(dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, hs, cs, big_h, acts, fzs, out_seq,
+                   eps, gates_seq, tc_seq, d_h, dgates_seq, dout_seq, dqs, dzs, w_h, q_w, z_w, w_cz, lstm) -> list[Tensor]:
+    """The VRNN's backward loop (csrc/fused.cpp `vrnn_backward`, in Python): fills the gradients of
+    the products' outputs per step; returns those of h_0 (and c_0)."""
+    steps, nz, f = out_seq.shape[0], eps.shape[2], acts[0].shape[2]
+    for t in reversed(range(steps)):
+        dh_skip = dc_skip = None
+        if mask is not None:  # h_{t+1} = h_new where the step is real, h_t on padding
+            keep = mask[:, t : t + 1]
+            dh_skip, dh = torch.where(keep, 0.0, dh), torch.where(keep, dh, 0.0)
+            if lstm:
+                dc_skip, dc = torch.where(keep, 0.0, dc), torch.where(keep, dc, 0.0)
+        dgates, dgh = dgates_seq[t], d_h[t, :, f:]
+        dh_direct = None
+        if lstm:
+            dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates)
+            if dc_skip is not None:
+                dc = dc + dc_skip
+            dgh.copy_(dgates)
+        else:
+            dh_direct = _gru_backward(dh, gates_seq[t], big_h[t, :, f:], hs[t], dgates, dgh)
+        dfz = dgates @ w_cz if dfz_out is None else torch.addmm(dfz_out[t], dgates, w_cz)
+        for i in reversed(range(len(z_w))):  # phi_z
+            dfz = _relu_backward(dfz, fzs[i][t], dzs[i][t]) @ z_w[i]
+        dz = dfz if dz_out is None else dfz + dz_out[t]
+        dout = dout_seq[t]  # [loc, s~]
+        if dloc_out is None:
+            dout[:, :nz] = dz
+        else:
+            torch.add(dz, dloc_out[t], out=dout[:, :nz])
+        dscale = dz * eps[t] if dscale_out is None else torch.addcmul(dscale_out[t], dz, eps[t])
+        torch.mul(dscale, torch.sigmoid(out_seq[t, :, nz:]), out=dout[:, nz:])  # softplus' = sigmoid
+        da = dout @ q_w[-1]
+        for i in reversed(range(1, len(q_w))):  # the q-net's hidden layers
+            da = _relu_backward(da, acts[i][t], dqs[i - 1][t]) @ q_w[i - 1]
+        _relu_backward(da, acts[0][t], d_h[t, :, :f])
+        dh = d_h[t] @ w_h
+        for extra in (dh_direct, dh_skip, None if dh_prev is None else dh_prev[t]):
+            if extra is not None:
+                dh += extra
+    return [dh, dc] if lstm else [dh]
+
+
 class _VRNNSequence(Function):
     """The VRNN's step (vrnn.py) over T steps with a hand-written backward; see the module docstring.
 
@@ -441,6 +521,7 @@ class _VRNNSequence(Function):
         q-net:  a_0 = relu(post_x_t + H_q), a_l = relu(a_{l-1} W_l^T + b_l), [loc, s~] = a_L W^T + b
         z_t = loc + (softplus(s~) + 1e-4) eps_t;  phi_z: f_l = relu(f_{l-1} W_l^T + b_l), f_0 = z_t
         gates = cell_x_t + phi_z(z_t) W_cell,z^T (+ H_cell);  the GRU or LSTM update; masked steps keep h.
+    The loops run in C++ where it is built (`_native`), in Python otherwise.
     """
 
     @staticmethod
@@ -449,11 +530,7 @@ class _VRNNSequence(Function):
         steps, b, f = post_x.shape
         d, nz, lstm, g = h0.shape[1], model.z_size, c0 is not None, cell_x.shape[2]
         n_q = len(model.posterior_net.net.layers) - 1  # the posterior's layers after the first (>= 1)
-        q_w, z_w = layer_params[: 2 * n_q], layer_params[2 * n_q :]
-        q_layers = [_Product(b, q_w[2 * i], q_w[2 * i + 1]) for i in range(n_q)]
-        z_layers = [_Product(b, z_w[2 * i], z_w[2 * i + 1]) for i in range(len(z_w) // 2)]
-        n_z = len(z_layers)
-        prod_h, prod_cz = _Product(b, w_h, b_h), _Product(b, w_cz)
+        n_z = (len(layer_params) - 2 * n_q) // 2
         ws = _lease(model, steps, {  # first size: steps added
             "h": (1, b, d), "c": (1, b, d) if lstm else (0, 0),  # h_0..h_T (c_0..c_T)
             "H": (0, b, f + g),  # the products of h_{t-1}
@@ -464,114 +541,60 @@ class _VRNNSequence(Function):
             **{f"dq{i}": (0, b, f) for i in range(n_q - 1)}, **{f"dz{i}": (0, b, f) for i in range(n_z)},
         }, post_x)
         w = ws.views
-        hs, cs, big_h, gates_seq, tc_seq, eps = w["h"], w["c"], w["H"], w["gates"], w["tc"], w["eps"]
-        acts = [w[f"a{i}"] for i in range(n_q)]
-        fzs = [w[f"f{i}"] for i in range(n_z)]
+        weights = [p.contiguous() for p in (w_h, w_cz, *layer_params)]
+        q_w, q_b = weights[2 : 2 + 2 * n_q : 2], weights[3 : 2 + 2 * n_q : 2]
+        z_w, z_b = weights[2 + 2 * n_q :: 2], weights[3 + 2 * n_q :: 2]
         out_seq, z_seq, scale_seq = post_x.new_empty(steps, b, 2 * nz), post_x.new_empty(steps, b, nz), post_x.new_empty(steps, b, nz)
-        hs[0] = h0
+        w["h"][0] = h0
         if lstm:
-            cs[0] = c0
-        for t in range(steps):
-            h = hs[t]
-            hq = prod_h(h, out=big_h[t])
-            a = torch.add(post_x[t], hq[:, :f], out=acts[0][t]).relu_()
-            for i in range(1, n_q):
-                a = q_layers[i - 1](a, out=acts[i][t]).relu_()
-            out = q_layers[-1](a, out=out_seq[t])
-            torch.add(torch.nn.functional.softplus(out[:, nz:]), MIN_STD, out=scale_seq[t])
-            torch.randn(b, nz, out=eps[t])
-            z = torch.addcmul(out[:, :nz], scale_seq[t], eps[t], out=z_seq[t])
-            fz = _relu_chain(z, z_layers, [fz_l[t] for fz_l in fzs])
-            gi = prod_cz(fz, extra=cell_x[t], out=gates_seq[t])
-            if lstm:
-                lstm_forward(gi.add_(hq[:, f:]), cs[t], hs[t + 1], cs[t + 1], tc_seq[t])
-            else:
-                _gru_forward(gi, hq[:, f:], h, hs[t + 1])
-            if mask is not None:  # a padded step keeps its state
-                keep = mask[:, t : t + 1]
-                torch.where(keep, hs[t + 1], h, out=hs[t + 1])
-                if lstm:
-                    torch.where(keep, cs[t + 1], cs[t], out=cs[t + 1])
+            w["c"][0] = c0
+        acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z)]
+        (_native() or _Python).vrnn_forward(
+            post_x.contiguous(), cell_x.contiguous(), mask, w["h"], w["c"], w["H"], acts, fzs, out_seq, scale_seq,
+            w["eps"], z_seq, w["gates"], w["tc"], weights[0], b_h, q_w, q_b, z_w, z_b, weights[1], lstm, MIN_STD)
         ctx.model, ctx.ws, ctx.generation = model, ws, ws.generation
-        ctx.dims = (steps, b, f, d, nz, g, lstm, n_q, n_z, b_h is not None)
-        ctx.prods = (prod_h, prod_cz, q_layers, z_layers)
+        ctx.dims = (steps, n_q, n_z, lstm, b_h is not None)
+        ctx.weights = weights
         ctx.save_for_backward(mask, out_seq, z_seq)
-        return (hs[:steps].clone(), z_seq, fzs[-1].clone(), out_seq[:, :, :nz], scale_seq, hs[steps].clone(),
-                cs[steps].clone() if lstm else h0.new_empty(0))
+        return (w["h"][:steps].clone(), z_seq, fzs[-1].clone(), out_seq[:, :, :nz], scale_seq, w["h"][steps].clone(),
+                w["c"][steps].clone() if lstm else h0.new_empty(0))
 
     @staticmethod
     def backward(ctx, dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc):
         _check_lease(ctx)
         model, ws, w = ctx.model, ctx.ws, ctx.ws.views
-        steps, b, f, d, nz, g, lstm, n_q, n_z, has_bias = ctx.dims
-        prod_h, prod_cz, q_layers, z_layers = ctx.prods
+        steps, n_q, n_z, lstm, has_bias = ctx.dims
         mask, out_seq, z_seq = ctx.saved_tensors
-        hs, cs, big_h, gates_seq, tc_seq, eps = w["h"], w["c"], w["H"], w["gates"], w["tc"], w["eps"]
-        acts = [w[f"a{i}"] for i in range(n_q)]
-        fzs = [w[f"f{i}"] for i in range(n_z)]
+        weights = ctx.weights
+        hs, f = w["h"], w["a0"].shape[2]
+        acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z)]
+        dqs, dzs = [w[f"dq{i}"] for i in range(n_q - 1)], [w[f"dz{i}"] for i in range(n_z)]
         d_h, dgates_seq, dout_seq = w["dH"], w["dgates"], w["dout"]
-        dqs = [w[f"dq{i}"] for i in range(n_q - 1)]
-        dzs = [w[f"dz{i}"] for i in range(n_z)]
-        back_h, back_cz = _Product(b, prod_h.weight.t()), _Product(b, prod_cz.weight.t())
-        back_q = [_Product(b, layer.weight.t()) for layer in q_layers]
-        back_z = [_Product(b, layer.weight.t()) for layer in z_layers]
+        b, d = hs.shape[1], hs.shape[2]
         dh = hs.new_zeros(b, d) if dh is None else dh
-        if lstm:
-            dc = hs.new_zeros(b, d) if dc is None else dc
-        for t in reversed(range(steps)):
-            dh_skip = None
-            if mask is not None:  # h_{t+1} = h_new where the step is real, h_t on padding
-                keep = mask[:, t : t + 1]
-                dh_skip, dh = torch.where(keep, 0.0, dh), torch.where(keep, dh, 0.0)
-                if lstm:
-                    dc_skip, dc = torch.where(keep, 0.0, dc), torch.where(keep, dc, 0.0)
-            dgates, dgh = dgates_seq[t], d_h[t, :, f:]
-            if lstm:
-                dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates)
-                if mask is not None:
-                    dc = dc + dc_skip
-                dgh.copy_(dgates)
-                dh_direct = None
-            else:
-                dh_direct = _gru_backward(dh, gates_seq[t], big_h[t, :, f:], hs[t], dgates, dgh)
-            dfz = back_cz(dgates) if dfz_out is None else back_cz(dgates, extra=dfz_out[t])
-            for i in reversed(range(n_z)):  # phi_z
-                dfz = back_z[i](_relu_backward(dfz, fzs[i][t], dzs[i][t]))
-            dz = dfz if dz_out is None else dfz + dz_out[t]
-            dout = dout_seq[t]  # [loc, s~]
-            if dloc_out is None:
-                dout[:, :nz] = dz
-            else:
-                torch.add(dz, dloc_out[t], out=dout[:, :nz])
-            dscale = dz * eps[t] if dscale_out is None else torch.addcmul(dscale_out[t], dz, eps[t])
-            torch.mul(dscale, torch.sigmoid(out_seq[t, :, nz:]), out=dout[:, nz:])  # softplus' = sigmoid
-            da = back_q[-1](dout)
-            for i in reversed(range(1, n_q)):  # the q-net's hidden layers
-                da = back_q[i - 1](_relu_backward(da, acts[i][t], dqs[i - 1][t]))
-            _relu_backward(da, acts[0][t], d_h[t, :, :f])
-            dh = back_h(d_h[t])
-            for extra in (dh_direct, dh_skip, None if dh_prev is None else dh_prev[t]):
-                if extra is not None:
-                    dh += extra
+        dc = (hs.new_zeros(b, d) if dc is None else dc) if lstm else hs.new_empty(0)
+        first = (_native() or _Python).vrnn_backward(
+            dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, hs, w["c"], w["H"], acts, fzs, out_seq,
+            w["eps"], w["gates"], w["tc"], d_h, dgates_seq, dout_seq, dqs, dzs, weights[0],
+            weights[2 : 2 + 2 * n_q : 2], weights[2 + 2 * n_q :: 2], weights[1], lstm)
         # every weight's gradient: one product over all steps
         flat = lambda s: s.reshape(-1, s.shape[-1])  # noqa: E731
         dh_flat, dg_flat = flat(d_h), flat(dgates_seq)
         dw_h = dh_flat.t() @ flat(hs[:steps])
         db_h = dh_flat.sum(0) if has_bias else None
         dw_cz = dg_flat.t() @ flat(fzs[-1])
-        q_grads = []
+        grads = []
         for i in range(n_q):
             dpre = flat(dout_seq) if i == n_q - 1 else flat(dqs[i])
-            q_grads += [dpre.t() @ flat(acts[i]), dpre.sum(0)]
-        z_grads = []
+            grads += [dpre.t() @ flat(acts[i]), dpre.sum(0)]
         for i in range(n_z):
             dpre = flat(dzs[i])
-            z_grads += [dpre.t() @ flat(z_seq if i == 0 else fzs[i - 1]), dpre.sum(0)]
+            grads += [dpre.t() @ flat(z_seq if i == 0 else fzs[i - 1]), dpre.sum(0)]
         # the inputs' gradients are the workspace's: autograd hands them on to the precompute's
         # backward, which is done with them before any later pass can lease this workspace
         dpost_x, dcell_x = d_h[:, :, :f], dgates_seq
         _release(model, ws)
-        return (None, dpost_x, dcell_x, dh, dc if lstm else None, None, dw_h, db_h, dw_cz, *q_grads, *z_grads)
+        return (None, dpost_x, dcell_x, first[0], first[1] if lstm else None, None, dw_h, db_h, dw_cz, *grads)
 
 
 def vrnn_unroll(model, post_x: Tensor, cell_x: Tensor, state, mask: Tensor | None) -> tuple[Tensor, ...]:
@@ -588,3 +611,30 @@ def vrnn_unroll(model, post_x: Tensor, cell_x: Tensor, state, mask: Tensor | Non
     layers = [p for layer in list(model.posterior_net.net.layers[1:]) + list(model.phi_z.layers)
               for p in (layer.weight, layer.bias)]
     return _VRNNSequence.apply(model, post_x, cell_x, state.h, state.c, mask, w_h, b_h, w_cz, *layers)
+
+
+class _Python:
+    """The loops in Python, where the C++ build is unavailable (the same functions as csrc/fused.cpp)."""
+
+    vrnn_forward = staticmethod(_vrnn_forward)
+    vrnn_backward = staticmethod(_vrnn_backward)
+
+
+_NATIVE: list = []  # [the built extension, or None once a build failed]
+
+
+def _native():
+    """The C++ loops (csrc/fused.cpp), built by torch.utils.cpp_extension on first use and cached
+    by it per machine (~30 s once); None with SEQVAE_NATIVE=0 or where no compiler can build them."""
+    if os.environ.get("SEQVAE_NATIVE", "1") == "0":
+        return None
+    if not _NATIVE:
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = Path(__file__).with_name("csrc") / "fused.cpp"
+            _NATIVE.append(load(name="seqvae_fused", sources=[str(source)], extra_cflags=["-O3"], verbose=False))
+        except Exception as error:  # no compiler, no ninja, a failed build: the Python loops run instead
+            warnings.warn(f"seqvae: the C++ time loops could not be built, running them in Python ({error})", stacklevel=2)
+            _NATIVE.append(None)
+    return _NATIVE[0]

@@ -1,0 +1,237 @@
+"""Whole-sequence kernels (seqvae/fused.py, csrc/fused.cpp): the same values, random numbers and
+gradients as the step loop (recurrent.unroll), in C++ and in Python, and the step loop wherever
+they do not apply."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import seqvae
+from seqvae import fused
+from seqvae.attention import Filterbanks
+from seqvae.draw import DRAW
+from seqvae.recurrent import unroll
+from seqvae.vrnn import VRNN
+
+LOOPS = ["native", "python"]
+
+
+@pytest.fixture(params=LOOPS)
+def loops(request, monkeypatch):
+    """Run the fused loops in C++ (skipped, saying why, where it cannot be built) or in Python."""
+    if request.param == "python":
+        monkeypatch.setenv("SEQVAE_NATIVE", "0")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fused._native() is None:
+                pytest.skip("the C++ loops could not be built here (no compiler?); the Python loops are tested")
+    return request.param
+
+
+def _made_by(t: torch.Tensor, name: str, depth: int = 4) -> bool:
+    """Whether the autograd graph of t reaches a node called `name` within `depth` steps."""
+    nodes = [t.grad_fn]
+    for _ in range(depth):
+        if any(node is not None and type(node).__name__ == name for node in nodes):
+            return True
+        nodes = [n for node in nodes if node is not None for n, _ in node.next_functions]
+    return False
+
+
+def _loss_and_grads(model, x, *, fused_on: bool, seed: int = 3, monkeypatch=None, **terms_kw):
+    monkeypatch.setenv("SEQVAE_FUSED", "1" if fused_on else "0")
+    torch.manual_seed(seed)
+    model.zero_grad()
+    terms, state = model.terms(x, **terms_kw)
+    loss = -(terms.log_px.sum() - terms.kl().sum())
+    if model.sequential:
+        loss = loss + (state.h ** 2).sum()  # a gradient through the final state too
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, terms
+
+
+def _assert_same_gradients(g_loop, g_fused, tol):
+    assert g_loop.keys() == g_fused.keys()
+    for name in g_loop:
+        scale = g_loop[name].abs().max().clamp_min(1e-30)
+        assert ((g_fused[name] - g_loop[name]).abs().max() / scale).item() < tol, name
+
+
+def _jitter(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize(
+    "read,write,likelihood,shape",
+    [
+        ("filterbank", "filterbank", "bernoulli", (1, 12, 12)),
+        ("none", "none", "bernoulli", (1, 6, 7)),
+        ("filterbank", "none", "gaussian", (2, 9, 11)),
+        ("none", "filterbank", "gaussian", (3, 10, 8)),
+    ],
+)
+def test_draw_pass_equals_the_step_loop(loops, monkeypatch, read, write, likelihood, shape):
+    """Value, noise and every parameter's gradient of the ELBO, in float64, to 1e-9 relative."""
+    torch.manual_seed(0)
+    model = _jitter(DRAW(image_shape=shape, steps=5, hidden_size=16, z_size=4, read=read, write=write,
+                         read_size=3, write_size=2, likelihood=likelihood).double())
+    x = torch.rand(7, *shape, dtype=torch.float64)
+    if likelihood == "bernoulli":
+        x = (x > 0.5).double()
+    loss0, g0, _ = _loss_and_grads(model, x, fused_on=False, monkeypatch=monkeypatch)
+    loss1, g1, terms = _loss_and_grads(model, x, fused_on=True, monkeypatch=monkeypatch)
+    assert _made_by(terms.z, "_DrawSequenceBackward")
+    assert abs(loss1.item() - loss0.item()) <= 1e-9 * abs(loss0.item())
+    _assert_same_gradients(g0, g1, 1e-9)
+
+
+@pytest.mark.parametrize(
+    "cell,posterior_layers,z_layers,masked,prior,dropout",
+    [
+        ("gru", 2, 1, False, "learned", 0.0),
+        ("lstm", 1, 2, True, "standard", 0.0),
+        ("gru", 3, 2, True, "learned", 0.3),
+        ("lstm", 2, 1, False, "learned", 0.3),
+    ],
+)
+def test_vrnn_pass_equals_the_step_loop(loops, monkeypatch, cell, posterior_layers, z_layers, masked, prior, dropout):
+    """From a carried state, with padded steps and dropout: the same loss and gradients (float64)."""
+    torch.manual_seed(0)
+    model = _jitter(VRNN(x_dim=7, hidden_size=9, z_size=3, cell=cell, posterior_layers=posterior_layers,
+                         z_layers=z_layers, prior=prior, feature_size=6, dropout=dropout).double())
+    x = (torch.rand(5, 11, 7, dtype=torch.float64) > 0.5).double()
+    mask = torch.arange(11)[None] < torch.tensor([11, 3, 7, 1, 11])[:, None] if masked else None
+    start = model.initial_state(5)
+    state = type(start)(*(None if s is None else torch.randn_like(s) for s in start))
+    loss0, g0, _ = _loss_and_grads(model, x, fused_on=False, monkeypatch=monkeypatch, mask=mask, state=state)
+    loss1, g1, terms = _loss_and_grads(model, x, fused_on=True, monkeypatch=monkeypatch, mask=mask, state=state)
+    assert _made_by(terms.z, "_VRNNSequenceBackward")
+    assert abs(loss1.item() - loss0.item()) <= 1e-9 * abs(loss0.item())
+    _assert_same_gradients(g0, g1, 1e-9)
+
+
+@pytest.mark.parametrize("kind", ["draw", "vrnn"])
+def test_float32_gradients_equal_the_step_loop_to_1e_5(loops, monkeypatch, kind):
+    """The benchmark's models in float32 (smaller): every gradient within 1e-5 of the step loop's,
+    relative to its largest entry, through the public API (seqvae.elbo) with nothing switched on."""
+    torch.manual_seed(1)
+    if kind == "draw":
+        model = DRAW(image_shape=(1, 28, 28), steps=8, hidden_size=64, z_size=10, read_size=5, write_size=5)
+        x = (torch.rand(16, 1, 28, 28) > 0.5).float()
+    else:
+        model = VRNN(x_dim=28, hidden_size=32, z_size=8)
+        x = (torch.rand(16, 20, 28) > 0.5).float()
+    grads = []
+    for on in (False, True):
+        monkeypatch.setenv("SEQVAE_FUSED", "1" if on else "0")
+        torch.manual_seed(2)
+        model.zero_grad()
+        (-seqvae.elbo(model, x).mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    _assert_same_gradients(grads[0], grads[1], 1e-5)
+
+
+def test_iwae_runs_the_fused_pass_and_equals_the_step_loop(monkeypatch):
+    torch.manual_seed(0)
+    model = _jitter(VRNN(x_dim=5, hidden_size=8, z_size=3).double())
+    x = (torch.rand(4, 6, 5, dtype=torch.float64) > 0.5).double()
+    values = []
+    for on in ("0", "1"):
+        monkeypatch.setenv("SEQVAE_FUSED", on)
+        torch.manual_seed(4)
+        values.append(seqvae.iwae_bound(model, x, k=3).detach())
+    assert torch.allclose(values[0], values[1], rtol=1e-12, atol=0)
+
+
+def test_the_step_loop_runs_where_the_fused_pass_does_not_apply(monkeypatch):
+    """No gradients, x needing one, half precision, autocast, or SEQVAE_FUSED=0: no fused node."""
+    model = VRNN(x_dim=5, hidden_size=8, z_size=3)
+    x = (torch.rand(4, 6, 5) > 0.5).float()
+    assert _made_by(unroll(model, x).outs.z, "_VRNNSequenceBackward")
+    with torch.no_grad():
+        assert unroll(model, x).outs.z.grad_fn is None  # and it ran (no error)
+    assert not _made_by(unroll(model, x.clone().requires_grad_()).outs.z, "_VRNNSequenceBackward")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _made_by(unroll(model, x).outs.z, "_VRNNSequenceBackward")
+    monkeypatch.setenv("SEQVAE_FUSED", "0")
+    assert not _made_by(unroll(model, x).outs.z, "_VRNNSequenceBackward")
+
+
+def test_workspaces_are_reused_and_two_passes_in_flight_get_their_own(monkeypatch):
+    """Two passes before one backward: each keeps its buffers (the gradient is that of the two
+    passes done one after the other); a pass's workspace goes back to the pool after backward."""
+    torch.manual_seed(0)
+    model = VRNN(x_dim=5, hidden_size=8, z_size=3).double()
+    x1, x2 = ((torch.rand(4, 6, 5, dtype=torch.float64) > 0.5).double() for _ in range(2))
+
+    def grads(together: bool):
+        model.zero_grad()
+        torch.manual_seed(5)
+        if together:
+            loss = -(seqvae.elbo(model, x1).sum() + seqvae.elbo(model, x2).sum())
+            loss.backward()
+        else:
+            (-seqvae.elbo(model, x1).sum()).backward()
+            (-seqvae.elbo(model, x2).sum()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    _assert_same_gradients(grads(False), grads(True), 1e-12)
+    pool = fused._POOLS[model]
+    assert len(pool) == 1  # the two workspaces had one shape: one is kept
+    kept = next(iter(pool.values()))
+    seqvae.elbo(model, x1).sum().backward()
+    assert next(iter(pool.values())) is kept  # leased again and handed back
+
+
+def test_a_second_backward_after_the_workspace_was_reused_is_refused():
+    model = VRNN(x_dim=5, hidden_size=8, z_size=3)
+    x = (torch.rand(4, 6, 5) > 0.5).float()
+    loss = -seqvae.elbo(model, x).sum()
+    loss.backward(retain_graph=True)
+    seqvae.elbo(model, x).sum().backward()  # a later pass leases the same buffers
+    with pytest.raises(RuntimeError, match="reused its buffers"):
+        loss.backward()
+
+
+def test_a_failed_build_falls_back_to_the_python_loops_with_a_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp, "load", broken)
+    monkeypatch.setattr(fused, "_NATIVE", [])
+    with pytest.warns(UserWarning, match="could not be built.*no compiler here"):
+        assert fused._native() is None
+    model = VRNN(x_dim=5, hidden_size=8, z_size=3)
+    x = (torch.rand(4, 6, 5) > 0.5).float()
+    (-seqvae.elbo(model, x).mean()).backward()  # trains, in Python
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("height,width,n", [(12, 12, 3), (9, 14, 4), (14, 9, 1), (5, 5, 5)])
+def test_filterbank_backward_equals_autograd(height, width, n):
+    """Filterbanks.backward (hand-written) against autograd through forward_saving, float64,
+    including parameters far outside the usual range (clamped variances, huge strides)."""
+    torch.manual_seed(0)
+    filters = Filterbanks(height, width, n).double()
+    raw = torch.randn(9, 5, dtype=torch.float64)
+    raw[0, 2:] = torch.tensor([85.0, -3.0, 0.5])  # log sigma^2 past the clamp
+    raw[1, 2:] = torch.tensor([-40.0, 4.0, -1.0])  # a vanishing variance, a wide stride
+    raw[2, :2] = torch.tensor([30.0, -25.0])  # a glimpse far off the image
+    raw[3, 4] = 85.0  # log gamma past the clamp: no gradient
+    raw[4, 0] = 1e16  # a centre beyond the +-1e15 pixels the filter means are kept within
+    raw.requires_grad_()
+    fy, fx, att, saved = filters.forward_saving(raw)
+    gy, gx, gg = torch.randn_like(fy), torch.randn_like(fx), torch.randn_like(att.gamma)
+    (expected,) = torch.autograd.grad((fy * gy).sum() + (fx * gx).sum() + (att.gamma * gg).sum(), raw)
+    got = filters.backward(saved, gy, gx, gg)
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12 * expected.abs().max().item())
