@@ -38,7 +38,9 @@ The maths of each backward, in the forward's notation:
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -49,6 +51,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from . import gemm
+from .attention import _FAR, _LOG_MAX, _SIGMA2_MIN
 from .nets import MIN_STD
 
 __all__ = ["enabled", "draw_unroll", "vrnn_unroll"]
@@ -109,8 +112,36 @@ POOL_SIZE = 4  # workspaces kept per model (the most recently used shapes)
 STEP_ROUND = 32  # a workspace holds a multiple of this many steps, so that sequences of nearby lengths share it
 
 
+_ALLOCATOR_TUNED: list = []
+MMAP_THRESHOLD = 1 << 28  # bytes: glibc serves blocks below this from its heap (default: from 128 KiB, at most 32 MiB, on mmap)
+TRIM_THRESHOLD = 1 << 30  # bytes of free heap glibc keeps before giving memory back to the system
+
+
+def tune_allocator() -> bool:
+    """Once per process, on Linux with glibc: serve blocks up to MMAP_THRESHOLD from the heap and keep
+    up to TRIM_THRESHOLD of freed heap, so that a training step's large temporaries (a VRNN's
+    (t, b, ...) tensors of tens of megabytes) reuse memory instead of being mapped and unmapped,
+    and faulted in page by page, at every step. Measured on the development VM: a T=500 VRNN step
+    took ~125,000 page faults and 1.4 s before, none and 0.96 s after. The process then keeps its
+    high-water mark of heap (as jemalloc or tcmalloc would). SEQVAE_MALLOC=0 leaves glibc as it is.
+    Returns whether the thresholds were set."""
+    if not _ALLOCATOR_TUNED:
+        done = False
+        if os.environ.get("SEQVAE_MALLOC", "1") != "0" and sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None)
+                if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+                    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+                    done = bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) & bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+            except OSError:
+                pass
+        _ALLOCATOR_TUNED.append(done)
+    return _ALLOCATOR_TUNED[0]
+
+
 def _lease(model, steps: int, shapes: dict[str, tuple[int, ...]], like: Tensor) -> _Workspace:
     """Buffers named in `shapes` (first size: extra steps, added to `steps`), of like's dtype."""
+    tune_allocator()
     held = -(-steps // STEP_ROUND) * STEP_ROUND
     key = (like.dtype, held, tuple(sorted(shapes.items())))
     pool = _POOLS.setdefault(model, {})
@@ -168,12 +199,131 @@ def lstm_backward(dh: Tensor, dc: Tensor, acts: Tensor, tc: Tensor, c: Tensor, d
 
 
 # ------------------------------------------------------------------------------------------ DRAW
+def _draw_forward(x, canvas0, a_seq, enc_in, ce, hd, cd, g_enc, g_dec, tc_enc, tc_dec, eps, m_seq, v_seq, q_seq, z_seq,
+                  prods, dims, read, write):
+    """DRAW's forward loop (csrc/fused.cpp `draw_forward`, in Python): fills the buffers; returns the
+    final canvas and each step's saved tensors of the read and the write (lists; None where a head
+    has no filterbank)."""
+    steps, b, d, nz, c, hh, wi, nr, nw = dims[:9]
+    prod_a, prod_write, prod_enc, prod_q, prod_dz = prods
+    read_fb, write_fb = hasattr(read, "filters"), hasattr(write, "filters")
+    if read_fb:  # the glimpse's input laid out (b, h, 2c, w): x, then the error image
+        v_seq[:, :, :, :c] = x.transpose(1, 2)
+        xhat_views = v_seq[:, :, :, c:].transpose(2, 3)  # (t, b, c, h, w) views
+    prod_a(hd[0], out=a_seq[0])
+    canvas = canvas0
+    saved_read, saved_write = [None] * steps, [None] * steps
+    for t in range(steps):
+        a = a_seq[t]
+        mean = torch.sigmoid(canvas[:, :c], out=m_seq[t])
+        if read_fb:
+            torch.sub(x, mean, out=xhat_views[t])
+            fy, fx, att, fsaved = read.filters.forward_saving(a[:, nw + 8 * d : nw + 8 * d + 5])
+            u = torch.bmm(fy, v_seq[t].view(b, hh, 2 * c * wi))  # (b, n, 2c w)
+            r0 = torch.bmm(u.view(b, -1, wi), fx.transpose(1, 2))  # (b, n 2c, n)
+            torch.mul(r0.view(b, -1), att.gamma.unsqueeze(-1), out=enc_in[t, :, :nr])
+            saved_read[t] = (fy, fx, att.gamma, fsaved, u, r0)
+        else:
+            enc_in[t, :, : c * hh * wi] = x.flatten(1)
+            torch.sub(x.flatten(1), mean.flatten(1), out=enc_in[t, :, c * hh * wi : nr])
+        gates = prod_enc(enc_in[t], extra=a[:, nw : nw + 4 * d], out=g_enc[t])
+        lstm_forward(gates, ce[t], enc_in[t + 1, :, nr:], ce[t + 1], tc_enc[t])
+        q = prod_q(enc_in[t + 1, :, nr:], out=q_seq[t])
+        z = torch.addcmul(q[:, :nz], q[:, nz:].exp(), eps[t].normal_(), out=z_seq[t])
+        gates = prod_dz(z, extra=a[:, nw + 4 * d : nw + 8 * d], out=g_dec[t])
+        lstm_forward(gates, cd[t], hd[t + 1], cd[t + 1], tc_dec[t])
+        last = t + 1 == steps
+        a = (prod_write if last else prod_a)(hd[t + 1], out=a_seq[t + 1, :, :nw] if last else a_seq[t + 1])
+        if write_fb:
+            patch, raw = a[:, : write.patch_size], a[:, write.patch_size : write.patch_size + 5]
+            fy, fx, att, fsaved = write.filters.forward_saving(raw)
+            pm = patch / att.gamma.unsqueeze(-1)  # (b, c n n)
+            u = torch.bmm(pm.view(b, -1, write.n), fx)  # (b, c n, w)
+            update = _paste(fy, u, write.channels)
+            saved_write[t] = (fy, fx, att.gamma, fsaved, pm, u)
+        else:
+            update = a[:, :nw].view(canvas.shape)
+        canvas = canvas + update
+    return canvas, (saved_read, saved_write)
+
+
+def _draw_backward(dcanvas, dhe, dce, dhd_final, dcd, dq_out, dz_out, draw_read, draw_write, saved, ce, cd, g_enc,
+                   g_dec, tc_enc, tc_dec, eps, m_seq, v_seq, q_seq, da_seq, dq_seq, w_a, w_enc, w_q, w_dz, dims,
+                   read, write):
+    """DRAW's backward loop (csrc/fused.cpp `draw_backward`, in Python): fills da_seq and dq_seq;
+    returns the gradients of the initial canvas, h^enc, c^enc, h^dec, c^dec."""
+    steps, b, d, nz, c, hh, wi, nr, nw = dims[:9]
+    saved_read, saved_write = saved
+    read_rows = slice(nw + 8 * d, nw + 8 * d + 5)
+    for t in reversed(range(steps)):
+        da = da_seq[t + 1]
+        if saved_write[t] is not None:  # the write of step t (from h^dec_{t+1})
+            fy, fx, gamma, fsaved, pm, u = saved_write[t]
+            dfy, du = _paste_backward(fy, u, dcanvas, write.channels)
+            dpm = torch.bmm(du, fx.transpose(1, 2)).view(b, -1)  # (b, c n n)
+            dfx = torch.bmm(pm.view(b, -1, write.n).transpose(1, 2), du)  # (b, n, w)
+            dgamma = (dpm * pm).sum(1).div_(gamma).neg_()
+            torch.div(dpm, gamma.unsqueeze(-1), out=da[:, : write.patch_size])
+            draw = write.filters.backward(fsaved, dfy, dfx, dgamma)
+            if draw_write is not None:
+                draw = draw + draw_write[t]
+            da[:, write.patch_size : write.patch_size + 5] = draw
+        else:
+            da[:, :nw] = dcanvas.view(b, -1)
+        dhd = da @ w_a  # h^dec_{t+1}'s gradient from everything that read it
+        if t + 1 == steps and dhd_final is not None:
+            dhd = dhd + dhd_final
+        dgates = da_seq[t, :, nw + 4 * d : nw + 8 * d]  # the decoder
+        dcd = lstm_backward(dhd, dcd, g_dec[t], tc_dec[t], cd[t], dgates)
+        dz = dgates @ w_dz if dz_out is None else torch.addmm(dz_out[t], dgates, w_dz)
+        dq = dq_seq[t]  # the posterior: z = loc + exp(log_scale) eps
+        if dq_out is None:
+            dq[:, :nz] = dz
+            torch.mul(dz * eps[t], q_seq[t, :, nz:].exp(), out=dq[:, nz:])
+        else:
+            torch.add(dq_out[t, :, :nz], dz, out=dq[:, :nz])
+            torch.addcmul(dq_out[t, :, nz:], dz * eps[t], q_seq[t, :, nz:].exp(), out=dq[:, nz:])
+        dhe = torch.addmm(dhe, dq, w_q)
+        dgates = da_seq[t, :, nw : nw + 4 * d]  # the encoder
+        dce = lstm_backward(dhe, dce, g_enc[t], tc_enc[t], ce[t], dgates)
+        dinp = dgates @ w_enc  # (b, R + d): [r, h^enc_t-1]
+        dhe, dr = dinp[:, nr:], dinp[:, :nr]
+        mean = m_seq[t]
+        if saved_read[t] is not None:
+            fy, fx, gamma, fsaved, u, r0 = saved_read[t]
+            dgamma = (dr * r0.view(b, -1)).sum(1)
+            dr0 = (dr * gamma.unsqueeze(-1)).view(b, -1, read.n)  # (b, n 2c, n)
+            du = torch.bmm(dr0, fx).view(b, read.n, -1)  # (b, n, 2c w)
+            dfx = torch.bmm(dr0.transpose(1, 2), u.view(b, -1, wi))  # (b, n, w)
+            dfy = torch.bmm(du, v_seq[t].view(b, hh, -1).transpose(1, 2))  # (b, n, h)
+            dv = torch.bmm(fy.transpose(1, 2), du).view(b, hh, 2 * c, wi)
+            dxhat = dv[:, :, c:].transpose(1, 2)  # (b, c, h, w)
+            draw = read.filters.backward(fsaved, dfy, dfx, dgamma)
+            if draw_read is not None:
+                draw = draw + draw_read[t]
+            da_seq[t, :, read_rows] = draw
+        else:
+            dxhat = dr[:, c * hh * wi :].view(b, c, hh, wi)
+        dcanvas[:, :c].addcmul_(dxhat, mean * mean - mean)  # x^ = x - sigmoid(canvas)
+    return [dcanvas, dhe, dce, da_seq[0] @ w_a, dcd]
+
+
+def _filters_spec(head) -> tuple[list[Tensor], list[float]]:
+    """A filterbank head's constants as csrc/fused.cpp takes them (empty for a head without one)."""
+    if not hasattr(head, "filters"):
+        return [], []
+    f = head.filters
+    pad = f.pad if f.pad is not None else f.grid.new_empty(0)
+    return [f.half_size, f.offsets, f.grid, pad], [f.stride, f.height, f.width, _FAR, _LOG_MAX, _SIGMA2_MIN]
+
+
 class _DrawSequence(Function):
     """DRAW's T glimpses (draw.py, eqs 3-8) with a hand-written backward; see the module docstring.
 
     Weights side by side: W_A = [W_write; W_enc[:, hdec]; W_dec[:, hdec]; W_read] (rows) maps
     h^dec_t to the write head's output of step t and the encoder's, decoder's and read head's
     h^dec parts of step t+1 (with their biases), one product per step forwards and backwards.
+    The loops run in C++ where it is built (`_native`), in Python otherwise.
     """
 
     @staticmethod
@@ -187,13 +337,10 @@ class _DrawSequence(Function):
         nr = we.shape[1] - 2 * d  # the read's width R
         nw = ww.shape[0]  # the write head's outputs P
         # rows of A: [write (P) | encoder (4d) | decoder (4d) | read (5)]
-        enc_rows, dec_rows = slice(nw, nw + 4 * d), slice(nw + 4 * d, nw + 8 * d)
-        read_rows = slice(nw + 8 * d, nw + 8 * d + 5)
         w_a = torch.cat([ww, we[:, nr : nr + d], wd[:, nz:]] + ([wr] if read_fb else []))
         b_a = torch.cat([bw, be, bd] + ([br] if read_fb else []))
-        prod_a, prod_write = _Product(b, w_a, b_a), _Product(b, ww, bw)
-        prod_enc = _Product(b, torch.cat([we[:, :nr], we[:, nr + d :]], dim=1))  # [r, h^enc] columns
-        prod_q, prod_dz = _Product(b, wq, bq), _Product(b, wd[:, :nz])
+        prods = (_Product(b, w_a, b_a), _Product(b, ww, bw), _Product(b, torch.cat([we[:, :nr], we[:, nr + d :]], dim=1)),
+                 _Product(b, wq, bq), _Product(b, wd[:, :nz]))
         n_a = w_a.shape[0]
         ws = _lease(model, steps, {  # first size: steps added
             "a": (1, b, n_a),  # A_t from h^dec_t
@@ -206,157 +353,68 @@ class _DrawSequence(Function):
             "da": (1, b, n_a), "dq": (0, b, 2 * nz),  # gradients, for the backward
         }, x)
         w = ws.views
-        a_seq, enc_in, ce_seq, hd_seq, cd_seq = w["a"], w["enc_in"], w["ce"], w["hd"], w["cd"]
-        g_enc, g_dec, tc_enc, tc_dec, eps, m_seq = w["g_enc"], w["g_dec"], w["tc_enc"], w["tc_dec"], w["eps"], w["mean"]
         q_seq, z_seq = x.new_empty(steps, b, 2 * nz), x.new_empty(steps, b, nz)
-        enc_in[0, :, nr:] = he0
-        ce_seq[0], hd_seq[0], cd_seq[0] = ce0, hd0, cd0
-        if read_fb:
-            v_seq = w["v"]
-            v_seq[:, :, :, :c] = x.transpose(1, 2)
-            xhat_views = v_seq[:, :, :, c:].transpose(2, 3)  # (t, b, c, h, w) views
-        prod_a(hd_seq[0], out=a_seq[0])
-        canvas = canvas0
-        saved_read, saved_write = [], []
-        for t in range(steps):
-            a = a_seq[t]
-            mean = torch.sigmoid(canvas[:, :c], out=m_seq[t])
-            if read_fb:
-                torch.sub(x, mean, out=xhat_views[t])
-                fy, fx, att, fsaved = read.filters.forward_saving(a[:, read_rows])
-                u = torch.bmm(fy, v_seq[t].view(b, hh, 2 * c * wi))  # (b, n, 2c w)
-                r0 = torch.bmm(u.view(b, -1, wi), fx.transpose(1, 2))  # (b, n 2c, n)
-                torch.mul(r0.view(b, -1), att.gamma.unsqueeze(-1), out=enc_in[t, :, :nr])
-                saved_read.append((fy, fx, att.gamma, fsaved, u, r0))
-            else:
-                enc_in[t, :, : c * hh * wi] = x.flatten(1)
-                torch.sub(x.flatten(1), mean.flatten(1), out=enc_in[t, :, c * hh * wi : nr])
-            gates = prod_enc(enc_in[t], extra=a[:, enc_rows], out=g_enc[t])
-            lstm_forward(gates, ce_seq[t], enc_in[t + 1, :, nr:], ce_seq[t + 1], tc_enc[t])
-            q = prod_q(enc_in[t + 1, :, nr:], out=q_seq[t])
-            torch.randn(b, nz, out=eps[t])
-            z = torch.addcmul(q[:, :nz], q[:, nz:].exp(), eps[t], out=z_seq[t])
-            gates = prod_dz(z, extra=a[:, dec_rows], out=g_dec[t])
-            lstm_forward(gates, cd_seq[t], hd_seq[t + 1], cd_seq[t + 1], tc_dec[t])
-            last = t + 1 == steps
-            a = (prod_write if last else prod_a)(hd_seq[t + 1], out=a_seq[t + 1, :, :nw] if last else a_seq[t + 1])
-            if write_fb:
-                patch, raw = a[:, : write.patch_size], a[:, write.patch_size : write.patch_size + 5]
-                fy, fx, att, fsaved = write.filters.forward_saving(raw)
-                pm = patch / att.gamma.unsqueeze(-1)  # (b, c n n)
-                u = torch.bmm(pm.view(b, -1, write.n), fx)  # (b, c n, w)
-                update = _paste(fy, u, write.channels)
-                saved_write.append((fy, fx, att.gamma, fsaved, pm, u))
-            else:
-                update = a[:, :nw].view(canvas.shape)
-            canvas = canvas + update
-        ctx.model, ctx.ws, ctx.generation = model, ws, ws.generation
-        ctx.dims = (steps, b, d, nz, c, hh, wi, nr, nw, n_a, read_fb, write_fb)
-        ctx.prods = (prod_a, prod_enc, prod_q, prod_dz)
-        ctx.saved = (saved_read, saved_write)
+        w["enc_in"][0, :, nr:] = he0
+        w["ce"][0], w["hd"][0], w["cd"][0] = ce0, hd0, cd0
+        dims = [steps, b, d, nz, c, hh, wi, nr, nw, read.n if read_fb else 0, write.n if write_fb else 0,
+                write.patch_size if write_fb else 0]
+        x = x.contiguous()
+        bufs = (w["a"], w["enc_in"], w["ce"], w["hd"], w["cd"], w["g_enc"], w["g_dec"], w["tc_enc"], w["tc_dec"],
+                w["eps"], w["mean"], w["v"], q_seq, z_seq)
+        native = _native()
+        if native is not None:
+            saved = native.draw_forward(x, canvas0, *bufs, prods[0].weight, prods[0].bias, prods[1].weight, prods[1].bias,
+                                        prods[2].weight, prods[3].weight, prods[3].bias, prods[4].weight, dims,
+                                        *_filters_spec(read), *_filters_spec(write))
+            canvas = saved[0][0]
+        else:
+            canvas, saved = _draw_forward(x, canvas0, *bufs, prods, dims, read, write)
+        ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
+        ctx.dims, ctx.prods, ctx.saved = dims, prods, saved
         ctx.save_for_backward(q_seq, z_seq)
-        raw_read = a_seq[:steps, :, read_rows].clone() if read_fb else x.new_empty(0)
+        a_seq = w["a"]
+        raw_read = a_seq[:steps, :, nw + 8 * d : nw + 8 * d + 5].clone() if read_fb else x.new_empty(0)
         raw_write = a_seq[1:, :, write.patch_size : write.patch_size + 5].clone() if write_fb else x.new_empty(0)
         ctx.mark_non_differentiable(*([] if read_fb else [raw_read]), *([] if write_fb else [raw_write]))
-        return (canvas, enc_in[steps, :, nr:].clone(), ce_seq[steps].clone(), hd_seq[steps].clone(),
-                cd_seq[steps].clone(), q_seq, z_seq, raw_read, raw_write)
+        return (canvas, w["enc_in"][steps, :, nr:].clone(), w["ce"][steps].clone(), w["hd"][steps].clone(),
+                w["cd"][steps].clone(), q_seq, z_seq, raw_read, raw_write)
 
     @staticmethod
     def backward(ctx, dcanvas, dhe, dce, dhd, dcd, dq_out, dz_out, draw_read, draw_write):
         _check_lease(ctx)
-        model, ws = ctx.model, ctx.ws
-        steps, b, d, nz, c, hh, wi, nr, nw, n_a, read_fb, write_fb = ctx.dims
-        prod_a, prod_enc, prod_q, prod_dz = ctx.prods
-        saved_read, saved_write = ctx.saved
+        model, ws, w, dims = ctx.model, ctx.ws, ctx.ws.views, ctx.dims
+        steps, b, d, nz, c, hh, wi, nr, nw = dims[:9]
+        n_a = w["a"].shape[2]
+        prod_a, _, prod_enc, prod_q, prod_dz = ctx.prods
         q_seq, z_seq = ctx.saved_tensors
-        w = ws.views
-        enc_in, ce_seq, hd_seq, cd_seq = w["enc_in"], w["ce"], w["hd"], w["cd"]
-        g_enc, g_dec, tc_enc, tc_dec, eps, m_seq = w["g_enc"], w["g_dec"], w["tc_enc"], w["tc_dec"], w["eps"], w["mean"]
-        da_seq, dq_seq = w["da"], w["dq"]
+        enc_in, hd_seq, da_seq, dq_seq = w["enc_in"], w["hd"], w["da"], w["dq"]
         read, write = model.read_head, model.write_head
-        enc_rows, dec_rows = slice(nw, nw + 4 * d), slice(nw + 4 * d, nw + 8 * d)
-        read_rows = slice(nw + 8 * d, nw + 8 * d + 5)
-        # transposed weights, contiguous, for the inputs' gradients: g (b, out) @ W (out, in)
-        back_a = _Product(b, prod_a.weight.t())
-        back_enc = _Product(b, prod_enc.weight.t())
-        back_q, back_dz = _Product(b, prod_q.weight.t()), _Product(b, prod_dz.weight.t())
-
-        zeros = ce_seq[0].new_zeros(b, d)
+        zeros = hd_seq.new_zeros(b, d)
         dcanvas = q_seq.new_zeros(b, model.canvas0.shape[0], hh, wi) if dcanvas is None else dcanvas.clone()
-        dhe = zeros if dhe is None else dhe
-        dce = zeros if dce is None else dce
-        dcd = zeros if dcd is None else dcd
         da_seq[0, :, :nw] = 0  # A_0's write part and A_T's other parts are never read
         da_seq[steps, :, nw:] = 0
-        if not read_fb:
-            da_seq[:, :, read_rows] = 0
-        for t in reversed(range(steps)):
-            da = da_seq[t + 1]
-            if write_fb:  # the write of step t (from h^dec_{t+1})
-                fy, fx, gamma, fsaved, pm, u = saved_write[t]
-                dfy, du = _paste_backward(fy, u, dcanvas, write.channels)
-                dpm = torch.bmm(du, fx.transpose(1, 2)).view(b, -1)  # (b, c n n)
-                dfx = torch.bmm(pm.view(b, -1, write.n).transpose(1, 2), du)  # (b, n, w)
-                dgamma = (dpm * pm).sum(1).div_(gamma).neg_()
-                torch.div(dpm, gamma.unsqueeze(-1), out=da[:, : write.patch_size])
-                draw = write.filters.backward(fsaved, dfy, dfx, dgamma)
-                if draw_write is not None:
-                    draw = draw + draw_write[t]
-                da[:, write.patch_size : write.patch_size + 5] = draw
-            else:
-                da[:, :nw] = dcanvas.view(b, -1)
-            dhd_t = back_a(da)  # h^dec_{t+1}'s gradient from everything that read it
-            if t + 1 == steps and dhd is not None:
-                dhd_t = dhd_t + dhd
-            # decoder
-            dgates = da_seq[t, :, dec_rows]
-            dcd = lstm_backward(dhd_t, dcd, g_dec[t], tc_dec[t], cd_seq[t], dgates)
-            dz = back_dz(dgates) if dz_out is None else back_dz(dgates, extra=dz_out[t])
-            # posterior: z = loc + exp(log_scale) eps
-            dq = dq_seq[t]
-            if dq_out is None:
-                dq[:, :nz] = dz
-                torch.mul(dz * eps[t], q_seq[t, :, nz:].exp(), out=dq[:, nz:])
-            else:
-                torch.add(dq_out[t, :, :nz], dz, out=dq[:, :nz])
-                torch.addcmul(dq_out[t, :, nz:], dz * eps[t], q_seq[t, :, nz:].exp(), out=dq[:, nz:])
-            dhe = back_q(dq, extra=dhe)
-            # encoder
-            dgates = da_seq[t, :, enc_rows]
-            dce = lstm_backward(dhe, dce, g_enc[t], tc_enc[t], ce_seq[t], dgates)
-            dinp = back_enc(dgates)  # (b, R + d): [r, h^enc_t-1]
-            dhe, dr = dinp[:, nr:], dinp[:, :nr]
-            mean = m_seq[t]
-            if read_fb:
-                fy, fx, gamma, fsaved, u, r0 = saved_read[t]
-                dgamma = (dr * r0.view(b, -1)).sum(1)
-                dr0 = (dr * gamma.unsqueeze(-1)).view(b, -1, read.n)  # (b, n 2c, n)
-                du = torch.bmm(dr0, fx).view(b, read.n, -1)  # (b, n, 2c w)
-                dfx = torch.bmm(dr0.transpose(1, 2), u.view(b, -1, wi))  # (b, n, w)
-                dfy = torch.bmm(du, w["v"][t].view(b, hh, -1).transpose(1, 2))  # (b, n, h)
-                dv = torch.bmm(fy.transpose(1, 2), du).view(b, hh, 2 * c, wi)
-                dxhat = dv[:, :, c:].transpose(1, 2)  # (b, c, h, w)
-                draw = read.filters.backward(fsaved, dfy, dfx, dgamma)
-                if draw_read is not None:
-                    draw = draw + draw_read[t]
-                da_seq[t, :, read_rows] = draw
-            else:
-                dxhat = dr[:, c * hh * wi :].view(b, c, hh, wi)
-            # x^ = x - sigmoid(canvas): the canvas' mean channels
-            dcanvas[:, :c].addcmul_(dxhat, mean * mean - mean)
-        dhd0 = back_a(da_seq[0])
+        if dims[9] == 0:
+            da_seq[:, :, nw + 8 * d :] = 0
+        args = (dcanvas, zeros if dhe is None else dhe, zeros if dce is None else dce, dhd, zeros if dcd is None else dcd,
+                dq_out, dz_out, draw_read, draw_write, ctx.saved, w["ce"], w["cd"], w["g_enc"], w["g_dec"], w["tc_enc"],
+                w["tc_dec"], w["eps"], w["mean"], w["v"], q_seq, da_seq, dq_seq, prod_a.weight, prod_enc.weight,
+                prod_q.weight, prod_dz.weight, dims)
+        if ctx.native is not None:
+            dcanvas, dhe, dce, dhd0, dcd = ctx.native.draw_backward(*args, *_filters_spec(read), *_filters_spec(write))
+        else:
+            dcanvas, dhe, dce, dhd0, dcd = _draw_backward(*args, read, write)
         # every weight's gradient: one product over all steps
         da_flat = da_seq.view(-1, n_a)
         dw_a = da_flat.t() @ hd_seq.view(-1, d)
         db_a = da_flat.sum(0)
-        dgates_enc = da_seq[:steps, :, enc_rows].reshape(-1, 4 * d)
-        dw_enc = dgates_enc.t() @ enc_in[:steps].view(-1, nr + d)  # (4d, R + d)
+        enc_rows, dec_rows, read_rows = slice(nw, nw + 4 * d), slice(nw + 4 * d, nw + 8 * d), slice(nw + 8 * d, nw + 8 * d + 5)
+        dw_enc = da_seq[:steps, :, enc_rows].reshape(-1, 4 * d).t() @ enc_in[:steps].view(-1, nr + d)  # (4d, R + d)
         dq_flat = dq_seq.view(-1, 2 * nz)
         dwq = dq_flat.t() @ enc_in[1:, :, nr:].reshape(-1, d)
         dwdz = da_seq[:steps, :, dec_rows].reshape(-1, 4 * d).t() @ z_seq.view(-1, nz)
         dwe = torch.cat([dw_enc[:, :nr], dw_a[enc_rows], dw_enc[:, nr:]], dim=1)
         dwd = torch.cat([dwdz, dw_a[dec_rows]], dim=1)
-        dwr, dbr = (dw_a[read_rows], db_a[read_rows]) if read_fb else (None, None)
+        dwr, dbr = (dw_a[read_rows], db_a[read_rows]) if dims[9] else (None, None)
         _release(model, ws)
         return (None, None, dcanvas, dhe.clone(), dce, dhd0, dcd,
                 dwe, db_a[enc_rows], dwq, dq_flat.sum(0), dwd, db_a[dec_rows], dwr, dbr, dw_a[:nw], db_a[:nw])

@@ -7,6 +7,7 @@
 
 #include <torch/extension.h>
 
+#include <optional>
 #include <vector>
 
 using at::Tensor;
@@ -191,7 +192,246 @@ std::vector<Tensor> vrnn_backward(const c10::optional<Tensor>& dh_prev, const c1
   return {dh};
 }
 
+
+// ------------------------------------------------------------------------------------------ DRAW
+namespace {
+
+// One head's filterbank constants (attention.Filterbanks): half_size (1, 2), offsets (n,),
+// grid (s,), pad (2, 1, s) or an empty tensor, and {stride, height, width, far, log_max, sigma2_min}.
+struct Filters {
+  Tensor half_size, offsets, grid, pad;
+  double stride, far, log_max, sigma2_min;
+  int64_t height, width;
+  Filters(const std::vector<Tensor>& t, const std::vector<double>& v)
+      : half_size(t[0]), offsets(t[1]), grid(t[2]), pad(t[3]), stride(v[0]), far(v[3]), log_max(v[4]),
+        sigma2_min(v[5]), height(static_cast<int64_t>(v[1])), width(static_cast<int64_t>(v[2])) {}
+  bool padded() const { return pad.numel() > 0; }
+};
+
+// Filterbanks.forward_saving: {fy, fx, gamma, raw, sigma2, delta, mu, diff, sq, coef, both}
+std::vector<Tensor> filters_forward(const Filters& fb, const Tensor& raw) {
+  Tensor centre = at::addcmul(fb.half_size, raw.narrow(1, 0, 2), fb.half_size);  // (b, 2)
+  Tensor logs = raw.narrow(1, 2, 3);
+  Tensor e = logs.clamp_max(fb.log_max).exp();  // sigma2, delta~, gamma
+  Tensor sigma2 = e.select(1, 0), delta = e.select(1, 1) * fb.stride, gamma = e.select(1, 2);
+  Tensor mu = at::addcmul(centre.unsqueeze(-1), delta.clamp_max(fb.far).view({-1, 1, 1}), fb.offsets);  // (b, 2, n)
+  Tensor diff = fb.grid - mu.clamp(-fb.far, fb.far).unsqueeze(-1);  // (b, 2, n, s)
+  Tensor sq = diff.square();
+  sq = sq - (fb.padded() ? sq - fb.pad : sq).amin(-1, true);
+  Tensor coef = (sigma2.clamp_min(fb.sigma2_min) * -2).reciprocal().view({-1, 1, 1, 1});
+  Tensor logits = sq * coef;
+  if (fb.padded()) logits = logits + fb.pad;
+  Tensor both = logits.softmax(-1);
+  Tensor fx = both.select(1, 0), fy = both.select(1, 1);
+  if (fb.padded()) {
+    fx = fx.narrow(-1, 0, fb.width);
+    fy = fy.narrow(-1, 0, fb.height);
+  }
+  return {fy, fx, gamma, raw, sigma2, delta, mu, diff, sq, coef, both};
+}
+
+// Filterbanks.backward: the gradient of raw (b, 5); s = filters_forward's output
+Tensor filters_backward(const Filters& fb, const std::vector<Tensor>& s, size_t at0, const Tensor& dfy,
+                        const Tensor& dfx, const Tensor& dgamma) {
+  const Tensor &raw = s[at0 + 3], &sigma2 = s[at0 + 4], &delta = s[at0 + 5], &mu = s[at0 + 6];
+  const Tensor &diff = s[at0 + 7], &sq = s[at0 + 8], &coef = s[at0 + 9], &both = s[at0 + 10];
+  Tensor dboth;
+  if (fb.padded()) {
+    dboth = at::zeros_like(both);
+    dboth.select(1, 0).narrow(-1, 0, fb.width).copy_(dfx);
+    dboth.select(1, 1).narrow(-1, 0, fb.height).copy_(dfy);
+  } else {
+    dboth = at::stack({dfx, dfy}, 1);
+  }
+  Tensor dlogits = both * (dboth - (dboth * both).sum(-1, true));
+  Tensor dcoef = (dlogits * sq).sum({1, 2, 3});
+  Tensor dmu = (dlogits * diff).sum(-1).mul_(coef.view({-1, 1, 1}) * -2).masked_fill_(mu.abs() > fb.far, 0);
+  Tensor ddelta = (dmu * fb.offsets).sum({1, 2}).masked_fill_(delta > fb.far, 0);
+  Tensor dsigma2 = (dcoef * 2 * coef.view({-1}).square()).masked_fill_(sigma2 < fb.sigma2_min, 0);
+  Tensor logs = raw.narrow(1, 2, 3);
+  Tensor de = at::stack({dsigma2, ddelta * fb.stride, dgamma}, 1);
+  Tensor dlogs = (de * logs.clamp_max(fb.log_max).exp()).masked_fill_(logs > fb.log_max, 0);
+  return at::cat({dmu.sum(-1) * fb.half_size, dlogs}, 1);
+}
+
+Tensor paste(const Tensor& fy, const Tensor& u, int64_t channels) {
+  const int64_t b = fy.size(0), n = fy.size(1);
+  if (channels == 1) return at::bmm(fy.transpose(1, 2), u).unsqueeze(1);
+  return at::matmul(fy.transpose(1, 2).unsqueeze(1), u.view({b, channels, n, -1}));
+}
+
+}  // namespace
+
+// DRAW's forward over all glimpses (fused.py _draw_forward). Returns {canvas_T} and, per step,
+// the read's saved tensors (11 of the filters, then u, r0) and the write's (11, then pm, u).
+std::vector<std::vector<Tensor>> draw_forward(
+    const Tensor& x, const Tensor& canvas0, Tensor a_seq, Tensor enc_in, Tensor ce, Tensor hd, Tensor cd, Tensor g_enc,
+    Tensor g_dec, Tensor tc_enc, Tensor tc_dec, Tensor eps, Tensor m_seq, Tensor v_seq, Tensor q_seq, Tensor z_seq,
+    const Tensor& w_a, const Tensor& b_a, const Tensor& w_write, const Tensor& b_write, const Tensor& w_enc,
+    const Tensor& w_q, const Tensor& b_q, const Tensor& w_dz, std::vector<int64_t> dims,
+    std::vector<Tensor> read_t, std::vector<double> read_v, std::vector<Tensor> write_t, std::vector<double> write_v) {
+  const int64_t steps = dims[0], b = dims[1], d = dims[2], nz = dims[3], c = dims[4], hh = dims[5], wi = dims[6];
+  const int64_t nr = dims[7], nw = dims[8], read_n = dims[9], write_n = dims[10], patch = dims[11];
+  const bool read_fb = read_n > 0, write_fb = write_n > 0;
+  std::optional<Filters> read_f, write_f;
+  if (read_fb) read_f.emplace(read_t, read_v);
+  if (write_fb) write_f.emplace(write_t, write_v);
+  std::vector<std::vector<Tensor>> saved(1 + 2 * steps);
+  Tensor xhat_views;
+  if (read_fb) {
+    v_seq.narrow(3, 0, c).copy_(x.transpose(1, 2).unsqueeze(0).expand({steps, b, hh, c, wi}));
+    xhat_views = v_seq.narrow(3, c, c).transpose(2, 3);  // (t, b, c, h, w)
+  }
+  Tensor a0 = a_seq[0];
+  at::addmm_out(a0, b_a, hd[0], w_a.t());
+  Tensor canvas = canvas0;
+  for (int64_t t = 0; t < steps; ++t) {
+    Tensor a = a_seq[t];
+    Tensor mean = m_seq[t];
+    at::sigmoid_out(mean, canvas.narrow(1, 0, c));
+    Tensor in_t = enc_in[t];
+    if (read_fb) {
+      Tensor xhat = xhat_views[t];
+      at::sub_out(xhat, x, mean);
+      std::vector<Tensor> f = filters_forward(*read_f, a.narrow(1, nw + 8 * d, 5));
+      Tensor u = at::bmm(f[0], v_seq[t].view({b, hh, 2 * c * wi}));  // (b, n, 2c w)
+      Tensor r0 = at::bmm(u.view({b, -1, wi}), f[1].transpose(1, 2));  // (b, n 2c, n)
+      at::mul_out(lv(in_t.narrow(1, 0, nr)), r0.view({b, -1}), f[2].unsqueeze(-1));
+      f.push_back(u);
+      f.push_back(r0);
+      saved[1 + t] = std::move(f);
+    } else {
+      in_t.narrow(1, 0, c * hh * wi).copy_(x.flatten(1));
+      at::sub_out(lv(in_t.narrow(1, c * hh * wi, c * hh * wi)), x.flatten(1), mean.flatten(1));
+    }
+    Tensor gates = g_enc[t];
+    at::addmm_out(gates, a.narrow(1, nw, 4 * d), in_t, w_enc.t());
+    Tensor he = enc_in[t + 1].narrow(1, nr, d);
+    lstm_forward(gates, ce[t], he, ce[t + 1], tc_enc[t]);
+    Tensor q = q_seq[t];
+    at::addmm_out(q, b_q, he, w_q.t());
+    Tensor e = eps[t];
+    e.normal_();
+    Tensor z = z_seq[t];
+    at::addcmul_out(z, q.narrow(1, 0, nz), q.narrow(1, nz, nz).exp(), e);
+    Tensor gd = g_dec[t];
+    at::addmm_out(gd, a.narrow(1, nw + 4 * d, 4 * d), z, w_dz.t());
+    lstm_forward(gd, cd[t], hd[t + 1], cd[t + 1], tc_dec[t]);
+    Tensor an;
+    if (t + 1 < steps) {
+      an = a_seq[t + 1];
+      at::addmm_out(an, b_a, hd[t + 1], w_a.t());
+    } else {
+      an = a_seq[t + 1].narrow(1, 0, nw);
+      at::addmm_out(an, b_write, hd[t + 1], w_write.t());
+    }
+    Tensor update;
+    if (write_fb) {
+      std::vector<Tensor> f = filters_forward(*write_f, an.narrow(1, patch, 5));
+      Tensor pm = an.narrow(1, 0, patch) / f[2].unsqueeze(-1);  // (b, c n n)
+      Tensor u = at::bmm(pm.view({b, -1, write_n}), f[1]);  // (b, c n, w)
+      const int64_t channels = patch / (write_n * write_n);
+      update = paste(f[0], u, channels);
+      f.push_back(pm);
+      f.push_back(u);
+      saved[1 + steps + t] = std::move(f);
+    } else {
+      update = an.narrow(1, 0, nw).view(canvas.sizes());
+    }
+    canvas = canvas + update;
+  }
+  saved[0] = {canvas};
+  return saved;
+}
+
+// DRAW's backward over all glimpses (fused.py _draw_backward): fills da_seq (the gradients of
+// A_t and of the gates) and dq_seq; returns {dcanvas_0, dh^enc_0, dc^enc_0, dh^dec_0, dc^dec_0}.
+std::vector<Tensor> draw_backward(
+    Tensor dcanvas, Tensor dhe, Tensor dce, const c10::optional<Tensor>& dhd_final, Tensor dcd,
+    const c10::optional<Tensor>& dq_out, const c10::optional<Tensor>& dz_out, const c10::optional<Tensor>& draw_read,
+    const c10::optional<Tensor>& draw_write, std::vector<std::vector<Tensor>> saved, Tensor ce, Tensor cd,
+    Tensor g_enc, Tensor g_dec, Tensor tc_enc, Tensor tc_dec, Tensor eps, Tensor m_seq, Tensor v_seq, Tensor q_seq,
+    Tensor da_seq, Tensor dq_seq, const Tensor& w_a, const Tensor& w_enc, const Tensor& w_q, const Tensor& w_dz,
+    std::vector<int64_t> dims, std::vector<Tensor> read_t, std::vector<double> read_v, std::vector<Tensor> write_t,
+    std::vector<double> write_v) {
+  const int64_t steps = dims[0], b = dims[1], d = dims[2], nz = dims[3], c = dims[4], hh = dims[5], wi = dims[6];
+  const int64_t nr = dims[7], nw = dims[8], read_n = dims[9], write_n = dims[10], patch = dims[11];
+  const bool read_fb = read_n > 0, write_fb = write_n > 0;
+  std::optional<Filters> read_f, write_f;
+  if (read_fb) read_f.emplace(read_t, read_v);
+  if (write_fb) write_f.emplace(write_t, write_v);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    Tensor da = da_seq[t + 1];
+    if (write_fb) {  // the write of step t (from h^dec_{t+1})
+      const std::vector<Tensor>& f = saved[1 + steps + t];
+      const Tensor &fy = f[0], &fx = f[1], &gamma = f[2], &pm = f[11], &u = f[12];
+      const int64_t channels = patch / (write_n * write_n);
+      Tensor dfy, du;
+      if (channels == 1) {
+        Tensor dup = dcanvas.select(1, 0);
+        dfy = at::bmm(u, dup.transpose(1, 2));
+        du = at::bmm(fy, dup);
+      } else {
+        dfy = at::einsum("bcnw,bchw->bnh", {u.view({b, channels, write_n, -1}), dcanvas});
+        du = at::einsum("bnh,bchw->bcnw", {fy, dcanvas}).reshape({b, channels * write_n, -1});
+      }
+      Tensor dpm = at::bmm(du, fx.transpose(1, 2)).view({b, -1});
+      Tensor dfx = at::bmm(pm.view({b, -1, write_n}).transpose(1, 2), du);
+      Tensor dgamma = (dpm * pm).sum(1).div_(gamma).neg_();
+      at::div_out(lv(da.narrow(1, 0, patch)), dpm, gamma.unsqueeze(-1));
+      Tensor draw = filters_backward(*write_f, f, 0, dfy, dfx, dgamma);
+      if (draw_write.has_value()) draw = draw + (*draw_write)[t];
+      da.narrow(1, patch, 5).copy_(draw);
+    } else {
+      da.narrow(1, 0, nw).copy_(dcanvas.view({b, -1}));
+    }
+    Tensor dhd = at::mm(da, w_a);  // h^dec_{t+1}'s gradient from everything that read it
+    if (t + 1 == steps && dhd_final.has_value()) dhd = dhd + *dhd_final;
+    Tensor dgates = da_seq[t].narrow(1, nw + 4 * d, 4 * d);
+    dcd = lstm_backward(dhd, dcd, g_dec[t], tc_dec[t], cd[t], dgates);
+    Tensor dz = dz_out.has_value() ? at::addmm((*dz_out)[t], dgates, w_dz) : at::mm(dgates, w_dz);
+    Tensor dq = dq_seq[t];
+    Tensor scale = q_seq[t].narrow(1, nz, nz).exp();
+    if (dq_out.has_value()) {
+      at::add_out(lv(dq.narrow(1, 0, nz)), (*dq_out)[t].narrow(1, 0, nz), dz);
+      at::addcmul_out(lv(dq.narrow(1, nz, nz)), (*dq_out)[t].narrow(1, nz, nz), dz * eps[t], scale);
+    } else {
+      dq.narrow(1, 0, nz).copy_(dz);
+      at::mul_out(lv(dq.narrow(1, nz, nz)), dz * eps[t], scale);
+    }
+    dhe = at::addmm(dhe, dq, w_q);
+    dgates = da_seq[t].narrow(1, nw, 4 * d);
+    dce = lstm_backward(dhe, dce, g_enc[t], tc_enc[t], ce[t], dgates);
+    Tensor dinp = at::mm(dgates, w_enc);  // (b, R + d): [r, h^enc_t-1]
+    dhe = dinp.narrow(1, nr, d);
+    Tensor dr = dinp.narrow(1, 0, nr);
+    Tensor mean = m_seq[t];
+    Tensor dxhat;
+    if (read_fb) {
+      const std::vector<Tensor>& f = saved[1 + t];
+      const Tensor &fy = f[0], &fx = f[1], &gamma = f[2], &u = f[11], &r0 = f[12];
+      Tensor dgamma = (dr * r0.view({b, -1})).sum(1);
+      Tensor dr0 = (dr * gamma.unsqueeze(-1)).view({b, -1, read_n});  // (b, n 2c, n)
+      Tensor du = at::bmm(dr0, fx).view({b, read_n, -1});  // (b, n, 2c w)
+      Tensor dfx = at::bmm(dr0.transpose(1, 2), u.view({b, -1, wi}));
+      Tensor dfy = at::bmm(du, v_seq[t].view({b, hh, -1}).transpose(1, 2));
+      Tensor dv = at::bmm(fy.transpose(1, 2), du).view({b, hh, 2 * c, wi});
+      dxhat = dv.narrow(2, c, c).transpose(1, 2);  // (b, c, h, w)
+      Tensor draw = filters_backward(*read_f, f, 0, dfy, dfx, dgamma);
+      if (draw_read.has_value()) draw = draw + (*draw_read)[t];
+      da_seq[t].narrow(1, nw + 8 * d, 5).copy_(draw);
+    } else {
+      dxhat = dr.narrow(1, c * hh * wi, c * hh * wi).view({b, c, hh, wi});
+    }
+    dcanvas.narrow(1, 0, c).addcmul_(dxhat, mean * mean - mean);  // x^ = x - sigmoid(canvas)
+  }
+  Tensor dhd0 = at::mm(da_seq[0], w_a);
+  return {dcanvas, dhe, dce, dhd0, dcd};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vrnn_forward", &vrnn_forward);
   m.def("vrnn_backward", &vrnn_backward);
+  m.def("draw_forward", &draw_forward);
+  m.def("draw_backward", &draw_backward);
 }
