@@ -39,7 +39,9 @@ The maths of each backward, in the forward's notation:
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import platform
 import sys
 import warnings
 import weakref
@@ -681,6 +683,16 @@ class _Python:
 _NATIVE: list = []  # [the built extension, or None once a build failed]
 
 
+def _cpu_flags() -> str:
+    """The CPU's model name and instruction-set flags (Linux; elsewhere the platform's description)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
 def _native():
     """The C++ loops (csrc/fused.cpp), built by torch.utils.cpp_extension on first use and cached
     by it per machine (~30 s once); None with SEQVAE_NATIVE=0 or where no compiler can build them."""
@@ -691,7 +703,11 @@ def _native():
             from torch.utils.cpp_extension import load
 
             source = Path(__file__).with_name("csrc") / "fused.cpp"
-            _NATIVE.append(load(name="seqvae_fused", sources=[str(source)], extra_cflags=["-O3"], verbose=False))
+            # built for this machine's CPU (-march=native), so named after it: a cache shared by
+            # machines of different CPUs keeps one build for each
+            tag = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]
+            _NATIVE.append(load(name=f"seqvae_fused_{tag}", sources=[str(source)],
+                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False))
         except Exception as error:  # no compiler, no ninja, a failed build: the Python loops run instead
             warnings.warn(f"seqvae: the C++ time loops could not be built, running them in Python ({error})", stacklevel=2)
             _NATIVE.append(None)
