@@ -141,18 +141,22 @@ def tune_allocator() -> bool:
     return _ALLOCATOR_TUNED[0]
 
 
-def _lease(model, steps: int, shapes: dict[str, tuple[int, ...]], like: Tensor) -> _Workspace:
-    """Buffers named in `shapes` (first size: extra steps, added to `steps`), of like's dtype."""
+def _lease(model, steps: int, shapes: dict[str, tuple[int, ...]], like: Tensor,
+           fixed: dict[str, tuple[int, ...]] | None = None) -> _Workspace:
+    """Buffers of like's dtype: those in `shapes` for all steps (first size: extra steps, added to
+    `steps`), those in `fixed` of the sizes given."""
     tune_allocator()
     held = -(-steps // STEP_ROUND) * STEP_ROUND
-    key = (like.dtype, held, tuple(sorted(shapes.items())))
+    fixed = fixed or {}
+    key = (like.dtype, held, tuple(sorted(shapes.items())), tuple(sorted(fixed.items())))
     pool = _POOLS.setdefault(model, {})
     ws = pool.pop(key, None)
     if ws is None:
         ws = _Workspace({name: like.new_empty(held + shape[0], *shape[1:]) for name, shape in shapes.items()})
+        ws.update({name: like.new_empty(shape) for name, shape in fixed.items()})
         ws.key = key
     ws.generation += 1
-    ws.views = {name: buf[: steps + shapes[name][0]] for name, buf in ws.items()}
+    ws.views = {name: buf[: steps + shapes[name][0]] if name in shapes else buf for name, buf in ws.items()}
     return ws
 
 
@@ -488,14 +492,14 @@ def _gru_forward(gi: Tensor, gh: Tensor, h: Tensor, h_out: Tensor) -> None:
     torch.lerp(n, h, ru[:, d:], out=h_out)
 
 
-def _gru_backward(dh: Tensor, acts: Tensor, gh: Tensor, h: Tensor, dgi: Tensor, dgh: Tensor) -> Tensor:
-    """Gradients of a GRU update (acts from _gru_forward, gh the hidden gates): the input and hidden
-    gates' into dgi, dgh (b, 3d); returns the gradient of h through h' = n + u (h - n)."""
+def _gru_backward(dh: Tensor, acts: Tensor, ghn: Tensor, h: Tensor, dgi: Tensor, dgh: Tensor) -> Tensor:
+    """Gradients of a GRU update (acts from _gru_forward, ghn the hidden gates' n block): the input
+    and hidden gates' into dgi, dgh (b, 3d); returns the gradient of h through h' = n + u (h - n)."""
     d = h.shape[-1]
     r, u, n = acts[:, :d], acts[:, d : 2 * d], acts[:, 2 * d :]
     dn = torch.mul(dh - dh * u, 1 - n * n, out=dgi[:, 2 * d :])  # through tanh
     torch.mul(dn, r, out=dgh[:, 2 * d :])
-    torch.mul(dn, gh[:, 2 * d :], out=dgi[:, :d])
+    torch.mul(dn, ghn, out=dgi[:, :d])
     torch.mul(dh, h - n, out=dgi[:, d : 2 * d])
     ru = acts[:, : 2 * d]
     dgi[:, : 2 * d].mul_(ru - ru * ru)  # through the sigmoids
@@ -503,174 +507,197 @@ def _gru_backward(dh: Tensor, acts: Tensor, gh: Tensor, h: Tensor, dgi: Tensor, 
     return dh * u
 
 
-def _vrnn_forward(post_x, cell_x, mask, hs, cs, big_h, acts, fzs, out_seq, scale_seq, eps, z_seq, gates_seq, tc_seq,
-                  w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std) -> None:
+CHUNK = 64  # VRNN steps per block of the batched products inside the pass (phi_x's maps, the weight gradients)
+
+
+def _vrnn_forward(fx, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_seq, gates_seq, tc_seq, post_c, cell_c, hq,
+                  w_px, b_px, w_cx, b_cx, w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std, chunk) -> None:
     """The VRNN's forward loop (csrc/fused.cpp `vrnn_forward`, in Python): fills the buffers."""
-    steps, f, nz, g = post_x.shape[0], post_x.shape[2], eps.shape[2], cell_x.shape[2]
-    for t in range(steps):
-        h = hs[t]
-        hq = _linear(h, w_h, b_h, big_h[t])
-        a = torch.add(post_x[t], hq[:, :f], out=acts[0][t]).relu_()
-        for i in range(1, len(q_w)):
-            a = _linear(a, q_w[i - 1], q_b[i - 1], acts[i][t]).relu_()
-        out = _linear(a, q_w[-1], q_b[-1], out_seq[t])
-        scale = torch.add(torch.nn.functional.softplus(out[:, nz:]), min_std, out=scale_seq[t])
-        fz = torch.addcmul(out[:, :nz], scale, eps[t].normal_(), out=z_seq[t])
-        for l in range(len(z_w)):
-            fz = _linear(fz, z_w[l], z_b[l], fzs[l][t]).relu_()
-        gi = torch.addmm(cell_x[t], fz, w_cz.t(), out=gates_seq[t])
-        gh = hq[:, f : f + g]
-        if lstm:
-            lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t])
-        else:
-            _gru_forward(gi, gh, h, hs[t + 1])
-        if mask is not None:  # a padded step keeps its state
-            keep = mask[:, t : t + 1]
-            torch.where(keep, hs[t + 1], h, out=hs[t + 1])
+    steps, b, f = fx.shape
+    nz, g, d = eps.shape[2], w_cx.shape[0], hs.shape[2]
+    for s0 in range(0, steps, chunk):
+        n = min(chunk, steps - s0)
+        fx_c = fx[s0 : s0 + n].reshape(n * b, f)
+        pc, cc = post_c[:n], cell_c[:n]
+        torch.addmm(b_px, fx_c, w_px.t(), out=pc.view(n * b, f))  # phi_x's share of the q-net's first layer
+        torch.addmm(b_cx, fx_c, w_cx.t(), out=cc.view(n * b, g))  # and of the cell's gates
+        for t in range(s0, s0 + n):
+            h = hs[t]
+            _linear(h, w_h, b_h, hq)
+            a = torch.add(pc[t - s0], hq[:, :f], out=acts[0][t]).relu_()
+            for i in range(1, len(q_w)):
+                a = _linear(a, q_w[i - 1], q_b[i - 1], acts[i][t]).relu_()
+            out = _linear(a, q_w[-1], q_b[-1], out_seq[t])
+            scale = torch.add(torch.nn.functional.softplus(out)[:, nz:], min_std, out=scale_seq[t])
+            fz = torch.addcmul(out[:, :nz], scale, eps[t].normal_(), out=z_seq[t])
+            for l in range(len(z_w)):
+                fz = _linear(fz, z_w[l], z_b[l], fzs[l][t]).relu_()
+            gi = torch.addmm(cc[t - s0], fz, w_cz.t(), out=gates_seq[t])
+            gh = hq[:, f : f + g]
             if lstm:
-                torch.where(keep, cs[t + 1], cs[t], out=cs[t + 1])
+                lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t])
+            else:
+                ghn[t] = gh[:, 2 * d :]
+                _gru_forward(gi, gh, h, hs[t + 1])
+            if mask is not None:  # a padded step keeps its state
+                keep = mask[:, t : t + 1]
+                torch.where(keep, hs[t + 1], h, out=hs[t + 1])
+                if lstm:
+                    torch.where(keep, cs[t + 1], cs[t], out=cs[t + 1])
 
 
-def _vrnn_backward(dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, hs, cs, big_h, acts, fzs, out_seq,
-                   eps, gates_seq, tc_seq, d_h, dgates_seq, dout_seq, dqs, dzs, w_h, q_w, z_w, w_cz, lstm) -> list[Tensor]:
-    """The VRNN's backward loop (csrc/fused.cpp `vrnn_backward`, in Python): fills the gradients of
-    the products' outputs per step; returns those of h_0 (and c_0)."""
-    steps, nz, f = out_seq.shape[0], eps.shape[2], acts[0].shape[2]
-    for t in reversed(range(steps)):
-        dh_skip = dc_skip = None
-        if mask is not None:  # h_{t+1} = h_new where the step is real, h_t on padding
-            keep = mask[:, t : t + 1]
-            dh_skip, dh = torch.where(keep, 0.0, dh), torch.where(keep, dh, 0.0)
+def _accumulate(dst: Tensor, a: Tensor, b: Tensor, dbias: Tensor | None) -> None:
+    """dst += a^T b over the rows of the (n, b, .) blocks a and b; dbias += a's column sums."""
+    a2 = a.reshape(-1, a.shape[-1])
+    dst.addmm_(a2.t(), b.reshape(-1, b.shape[-1]))
+    if dbias is not None:
+        dbias += a2.sum(0)
+
+
+def _vrnn_backward(dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, fx, hs, cs, ghn, acts, fzs, out_seq,
+                   eps, z_seq, gates_seq, tc_seq, d_h, dgates_c, dout_c, dqs, dzs, dfx, w_px, w_cx, w_h, q_w, z_w, w_cz,
+                   grads, lstm, has_bias, chunk) -> list[Tensor]:
+    """The VRNN's backward loop (csrc/fused.cpp `vrnn_backward`, in Python), a chunk at a time from
+    the end: the steps' gradients into the chunk's buffers, then the chunk's share of every
+    weight's gradient (added into `grads`) and of phi_x's (dfx). Returns those of h_0 (and c_0)."""
+    steps, b, f = fx.shape
+    nz, n_q, n_z = eps.shape[2], len(q_w), len(z_w)
+    for s0 in reversed(range(0, steps, chunk)):
+        n = min(chunk, steps - s0)
+        for t in reversed(range(s0, s0 + n)):
+            k = t - s0
+            dh_skip = dc_skip = None
+            if mask is not None:  # h_{t+1} = h_new where the step is real, h_t on padding
+                keep = mask[:, t : t + 1]
+                dh_skip, dh = torch.where(keep, 0.0, dh), torch.where(keep, dh, 0.0)
+                if lstm:
+                    dc_skip, dc = torch.where(keep, 0.0, dc), torch.where(keep, dc, 0.0)
+            dgates, dgh = dgates_c[k], d_h[k, :, f:]
+            dh_direct = None
             if lstm:
-                dc_skip, dc = torch.where(keep, 0.0, dc), torch.where(keep, dc, 0.0)
-        dgates, dgh = dgates_seq[t], d_h[t, :, f:]
-        dh_direct = None
-        if lstm:
-            dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates)
-            if dc_skip is not None:
-                dc = dc + dc_skip
-            dgh.copy_(dgates)
-        else:
-            dh_direct = _gru_backward(dh, gates_seq[t], big_h[t, :, f:], hs[t], dgates, dgh)
-        dfz = dgates @ w_cz if dfz_out is None else torch.addmm(dfz_out[t], dgates, w_cz)
-        for i in reversed(range(len(z_w))):  # phi_z
-            dfz = _relu_backward(dfz, fzs[i][t], dzs[i][t]) @ z_w[i]
-        dz = dfz if dz_out is None else dfz + dz_out[t]
-        dout = dout_seq[t]  # [loc, s~]
-        if dloc_out is None:
-            dout[:, :nz] = dz
-        else:
-            torch.add(dz, dloc_out[t], out=dout[:, :nz])
-        dscale = dz * eps[t] if dscale_out is None else torch.addcmul(dscale_out[t], dz, eps[t])
-        torch.mul(dscale, torch.sigmoid(out_seq[t, :, nz:]), out=dout[:, nz:])  # softplus' = sigmoid
-        da = dout @ q_w[-1]
-        for i in reversed(range(1, len(q_w))):  # the q-net's hidden layers
-            da = _relu_backward(da, acts[i][t], dqs[i - 1][t]) @ q_w[i - 1]
-        _relu_backward(da, acts[0][t], d_h[t, :, :f])
-        dh = d_h[t] @ w_h
-        for extra in (dh_direct, dh_skip, None if dh_prev is None else dh_prev[t]):
-            if extra is not None:
-                dh += extra
+                dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates)
+                if dc_skip is not None:
+                    dc = dc + dc_skip
+                dgh.copy_(dgates)
+            else:
+                dh_direct = _gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, dgh)
+            dfz = dgates @ w_cz if dfz_out is None else torch.addmm(dfz_out[t], dgates, w_cz)
+            for i in reversed(range(n_z)):  # phi_z
+                dfz = _relu_backward(dfz, fzs[i][t], dzs[i][k]) @ z_w[i]
+            dz = dfz if dz_out is None else dfz + dz_out[t]
+            dout = dout_c[k]  # [loc, s~]
+            if dloc_out is None:
+                dout[:, :nz] = dz
+            else:
+                torch.add(dz, dloc_out[t], out=dout[:, :nz])
+            dscale = dz * eps[t] if dscale_out is None else torch.addcmul(dscale_out[t], dz, eps[t])
+            torch.mul(dscale, torch.sigmoid(out_seq[t])[:, nz:], out=dout[:, nz:])  # softplus' = sigmoid
+            da = dout @ q_w[-1]
+            for i in reversed(range(1, n_q)):  # the q-net's hidden layers
+                da = _relu_backward(da, acts[i][t], dqs[i - 1][k]) @ q_w[i - 1]
+            _relu_backward(da, acts[0][t], d_h[k, :, :f])
+            dh = d_h[k] @ w_h
+            for extra in (dh_direct, dh_skip, None if dh_prev is None else dh_prev[t]):
+                if extra is not None:
+                    dh += extra
+        # the chunk's share of the weights' gradients and of phi_x's
+        d_hc, dgc = d_h[:n], dgates_c[:n]
+        dpost, fx_c = d_hc[:, :, :f], fx[s0 : s0 + n]
+        dfx_c = dfx[s0 : s0 + n].view(n * b, f)
+        torch.mm(dpost.reshape(n * b, f), w_px, out=dfx_c)
+        dfx_c.addmm_(dgc.reshape(n * b, -1), w_cx)
+        _accumulate(grads[0], dpost, fx_c, grads[1])
+        _accumulate(grads[2], dgc, fx_c, grads[3])
+        _accumulate(grads[4], d_hc, hs[s0 : s0 + n], grads[5] if has_bias else None)
+        _accumulate(grads[6], dgc, fzs[-1][s0 : s0 + n], None)
+        for i in range(n_q):
+            dpre = dout_c[:n] if i == n_q - 1 else dqs[i][:n]
+            _accumulate(grads[7 + 2 * i], dpre, acts[i][s0 : s0 + n], grads[8 + 2 * i])
+        for i in range(n_z):
+            inputs = z_seq if i == 0 else fzs[i - 1]
+            _accumulate(grads[7 + 2 * n_q + 2 * i], dzs[i][:n], inputs[s0 : s0 + n], grads[8 + 2 * n_q + 2 * i])
     return [dh, dc] if lstm else [dh]
 
 
 class _VRNNSequence(Function):
-    """The VRNN's step (vrnn.py) over T steps with a hand-written backward; see the module docstring.
+    """The VRNN's pass (vrnn.py's precompute from phi_x(x), then the step) over T steps with a
+    hand-written backward; see the module docstring.
 
     Per step, with H = h_{t-1} [W_q,h; W_cell,h]^T (+ the GRU's hidden bias) one product:
-        q-net:  a_0 = relu(post_x_t + H_q), a_l = relu(a_{l-1} W_l^T + b_l), [loc, s~] = a_L W^T + b
+        q-net:  a_0 = relu(phi_x W_q,x^T + b + H_q), a_l = relu(a_{l-1} W_l^T + b_l), [loc, s~] = a_L W^T + b
         z_t = loc + (softplus(s~) + 1e-4) eps_t;  phi_z: f_l = relu(f_{l-1} W_l^T + b_l), f_0 = z_t
-        gates = cell_x_t + phi_z(z_t) W_cell,z^T (+ H_cell);  the GRU or LSTM update; masked steps keep h.
-    The loops run in C++ where it is built (`_native`), in Python otherwise.
+        gates = phi_x W_cell,x^T + b + phi_z(z_t) W_cell,z^T (+ H_cell);  the GRU or LSTM update;
+        masked steps keep h.
+    The phi_x products are done CHUNK steps at a time, and so are the weights' gradients in the
+    backward, so that only what the backward reads is kept for all T steps (the gradients of a
+    step live for one chunk). The loops run in C++ where it is built (`_native`).
     """
 
     @staticmethod
-    def forward(ctx, model, post_x, cell_x, h0, c0, mask, w_h, b_h, w_cz, *layer_params):
+    def forward(ctx, model, fx, h0, c0, mask, w_px, b_px, w_cx, b_cx, w_h, b_h, w_cz, *layer_params):
         ctx.set_materialize_grads(False)
-        steps, b, f = post_x.shape
-        d, nz, lstm, g = h0.shape[1], model.z_size, c0 is not None, cell_x.shape[2]
+        steps, b, f = fx.shape
+        d, nz, lstm, g = h0.shape[1], model.z_size, c0 is not None, w_cx.shape[0]
         n_q = len(model.posterior_net.net.layers) - 1  # the posterior's layers after the first (>= 1)
         n_z = (len(layer_params) - 2 * n_q) // 2
-        ws = _lease(model, steps, {  # first size: steps added
-            "h": (1, b, d), "c": (1, b, d) if lstm else (0, 0),  # h_0..h_T (c_0..c_T)
-            "H": (0, b, f + g),  # the products of h_{t-1}
+        chunk = min(CHUNK, steps)
+        ws = _lease(model, steps, {  # first size: steps added (all T steps: what the backward reads)
+            "c": (1, b, d) if lstm else (0, 0), "ghn": (0, 0) if lstm else (0, b, d),
             **{f"a{i}": (0, b, f) for i in range(n_q)},  # the q-net's hidden activations
-            **{f"f{i}": (0, b, f) for i in range(n_z)},  # phi_z's (the last: phi_z(z_t))
+            **{f"f{i}": (0, b, f) for i in range(n_z - 1)},  # phi_z's (the last is an output)
             "eps": (0, b, nz), "gates": (0, b, g), "tc": (0, b, d) if lstm else (0, 0),
-            "dH": (0, b, f + g), "dgates": (0, b, g), "dout": (0, b, 2 * nz),  # gradients, for the backward
-            **{f"dq{i}": (0, b, f) for i in range(n_q - 1)}, **{f"dz{i}": (0, b, f) for i in range(n_z)},
-        }, post_x)
+        }, fx, fixed={  # one chunk's worth
+            "post": (chunk, b, f), "cell": (chunk, b, g), "H": (b, f + g),
+            "dH": (chunk, b, f + g), "dgates": (chunk, b, g), "dout": (chunk, b, 2 * nz),
+            **{f"dq{i}": (chunk, b, f) for i in range(n_q - 1)}, **{f"dz{i}": (chunk, b, f) for i in range(n_z)},
+        })
         w = ws.views
-        weights = [p.contiguous() for p in (w_h, w_cz, *layer_params)]
-        q_w, q_b = weights[2 : 2 + 2 * n_q : 2], weights[3 : 2 + 2 * n_q : 2]
-        z_w, z_b = weights[2 + 2 * n_q :: 2], weights[3 + 2 * n_q :: 2]
-        out_seq, z_seq, scale_seq = post_x.new_empty(steps, b, 2 * nz), post_x.new_empty(steps, b, nz), post_x.new_empty(steps, b, nz)
-        w["h"][0] = h0
+        weights = [p.contiguous() for p in (w_px, b_px, w_cx, b_cx, w_h, w_cz, *layer_params)]
+        q_w, q_b = weights[6 : 6 + 2 * n_q : 2], weights[7 : 6 + 2 * n_q : 2]
+        z_w, z_b = weights[6 + 2 * n_q :: 2], weights[7 + 2 * n_q :: 2]
+        new = fx.new_empty
+        hs, fz = new(steps + 1, b, d), new(steps, b, f)  # outputs (h_{t-1}, phi_z(z_t)), kept for the backward
+        out_seq, z_seq, scale_seq = new(steps, b, 2 * nz), new(steps, b, nz), new(steps, b, nz)
+        hs[0] = h0
         if lstm:
             w["c"][0] = c0
-        acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z)]
+        fx = fx.contiguous()
+        acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
         (_native() or _Python).vrnn_forward(
-            post_x.contiguous(), cell_x.contiguous(), mask, w["h"], w["c"], w["H"], acts, fzs, out_seq, scale_seq,
-            w["eps"], z_seq, w["gates"], w["tc"], weights[0], b_h, q_w, q_b, z_w, z_b, weights[1], lstm, MIN_STD)
+            fx, mask, hs, w["c"], w["ghn"], acts, fzs, out_seq, scale_seq, w["eps"], z_seq, w["gates"], w["tc"],
+            w["post"], w["cell"], w["H"], weights[0], weights[1], weights[2], weights[3], weights[4], b_h,
+            q_w, q_b, z_w, z_b, weights[5], lstm, MIN_STD, chunk)
         ctx.model, ctx.ws, ctx.generation = model, ws, ws.generation
-        ctx.dims = (steps, n_q, n_z, lstm, b_h is not None)
+        ctx.dims = (n_q, n_z, lstm, b_h is not None, chunk)
         ctx.weights = weights
-        ctx.save_for_backward(mask, out_seq, z_seq)
-        return (w["h"][:steps].clone(), z_seq, fzs[-1].clone(), out_seq[:, :, :nz], scale_seq, w["h"][steps].clone(),
-                w["c"][steps].clone() if lstm else h0.new_empty(0))
+        ctx.save_for_backward(mask, fx, hs, fz, out_seq, z_seq)
+        c_last = w["c"][steps].clone() if lstm else h0.new_empty(0)
+        return hs[:steps], z_seq, fz, out_seq[:, :, :nz], scale_seq, hs[steps], c_last
 
     @staticmethod
     def backward(ctx, dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc):
         _check_lease(ctx)
         model, ws, w = ctx.model, ctx.ws, ctx.ws.views
-        steps, n_q, n_z, lstm, has_bias = ctx.dims
-        mask, out_seq, z_seq = ctx.saved_tensors
+        n_q, n_z, lstm, has_bias, chunk = ctx.dims
+        mask, fx, hs, fz, out_seq, z_seq = ctx.saved_tensors
         weights = ctx.weights
-        hs, f = w["h"], w["a0"].shape[2]
-        acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z)]
-        dqs, dzs = [w[f"dq{i}"] for i in range(n_q - 1)], [w[f"dz{i}"] for i in range(n_z)]
-        d_h, dgates_seq, dout_seq = w["dH"], w["dgates"], w["dout"]
         b, d = hs.shape[1], hs.shape[2]
+        acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
+        dqs, dzs = [w[f"dq{i}"] for i in range(n_q - 1)], [w[f"dz{i}"] for i in range(n_z)]
         dh = hs.new_zeros(b, d) if dh is None else dh
         dc = (hs.new_zeros(b, d) if dc is None else dc) if lstm else hs.new_empty(0)
+        # accumulators: W_q,x, b_q,x, W_cell,x, b_cell,x, W_h, b_h, W_cell,z, then each layer's (W, b)
+        grads = [torch.zeros_like(p) for p in weights[:5]] + [hs.new_zeros(weights[4].shape[0])]
+        grads += [torch.zeros_like(weights[5])] + [torch.zeros_like(p) for p in weights[6:]]
+        dfx = torch.empty_like(fx)
         first = (_native() or _Python).vrnn_backward(
-            dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, hs, w["c"], w["H"], acts, fzs, out_seq,
-            w["eps"], w["gates"], w["tc"], d_h, dgates_seq, dout_seq, dqs, dzs, weights[0],
-            weights[2 : 2 + 2 * n_q : 2], weights[2 + 2 * n_q :: 2], weights[1], lstm)
-        # every weight's gradient: one product over all steps
-        flat = lambda s: s.reshape(-1, s.shape[-1])  # noqa: E731
-        dh_flat, dg_flat = flat(d_h), flat(dgates_seq)
-        dw_h = dh_flat.t() @ flat(hs[:steps])
-        db_h = dh_flat.sum(0) if has_bias else None
-        dw_cz = dg_flat.t() @ flat(fzs[-1])
-        grads = []
-        for i in range(n_q):
-            dpre = flat(dout_seq) if i == n_q - 1 else flat(dqs[i])
-            grads += [dpre.t() @ flat(acts[i]), dpre.sum(0)]
-        for i in range(n_z):
-            dpre = flat(dzs[i])
-            grads += [dpre.t() @ flat(z_seq if i == 0 else fzs[i - 1]), dpre.sum(0)]
-        # the inputs' gradients are the workspace's: autograd hands them on to the precompute's
-        # backward, which is done with them before any later pass can lease this workspace
-        dpost_x, dcell_x = d_h[:, :, :f], dgates_seq
+            dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, fx, hs, w["c"], w["ghn"], acts, fzs, out_seq,
+            w["eps"], z_seq, w["gates"], w["tc"], w["dH"], w["dgates"], w["dout"], dqs, dzs, dfx, weights[0],
+            weights[2], weights[4], weights[6 : 6 + 2 * n_q : 2], weights[6 + 2 * n_q :: 2], weights[5], grads, lstm,
+            has_bias, chunk)
         _release(model, ws)
-        return (None, dpost_x, dcell_x, first[0], first[1] if lstm else None, None, dw_h, db_h, dw_cz, *grads)
-
-
-def vrnn_unroll(model, post_x: Tensor, cell_x: Tensor, state, mask: Tensor | None) -> tuple[Tensor, ...]:
-    """The VRNN's pass from the precomputed (t, b, ...) inputs as one Function: h_{t-1}, z_t,
-    phi_z(z_t), loc_t, scale_t stacked (t, b, ...), and the final h (and c, for an LSTM)."""
-    f = post_x.shape[2]
-    cell = model.cell
-    q_first = model.posterior_net.net.layers[0]
-    if hasattr(cell, "hh"):  # GRU: W_ih [phi_x, phi_z], W_hh with its own bias
-        w_cz, w_ch, b_h = cell.ih.weight[:, f:], cell.hh.weight, torch.cat([cell.hh.bias.new_zeros(f), cell.hh.bias])
-    else:  # LSTM: one W over [phi_x, phi_z, h], the bias with phi_x's block
-        w_cz, w_ch, b_h = cell.linear.weight[:, f : 2 * f], cell.linear.weight[:, 2 * f :], None
-    w_h = torch.cat([q_first.weight[:, f:], w_ch])
-    layers = [p for layer in list(model.posterior_net.net.layers[1:]) + list(model.phi_z.layers)
-              for p in (layer.weight, layer.bias)]
-    return _VRNNSequence.apply(model, post_x, cell_x, state.h, state.c, mask, w_h, b_h, w_cz, *layers)
+        return (None, dfx, first[0], first[1] if lstm else None, None, *grads[:5], grads[5] if has_bias else None,
+                *grads[6:])
 
 
 class _Python:
@@ -712,3 +739,22 @@ def _native():
             warnings.warn(f"seqvae: the C++ time loops could not be built, running them in Python ({error})", stacklevel=2)
             _NATIVE.append(None)
     return _NATIVE[0]
+
+
+def vrnn_unroll(model, fx: Tensor, state, mask: Tensor | None) -> tuple[Tensor, ...]:
+    """The VRNN's pass from phi_x(x) (t, b, f) as one Function: h_{t-1}, z_t, phi_z(z_t), loc_t,
+    scale_t stacked (t, b, ...), and the final h (and c, for an LSTM)."""
+    f = fx.shape[2]
+    cell = model.cell
+    q_first = model.posterior_net.net.layers[0]
+    if hasattr(cell, "hh"):  # GRU: W_ih [phi_x, phi_z] with b_ih, W_hh with its own bias
+        w_x, b_x, w_cz, w_ch = cell.ih.weight[:, :f], cell.ih.bias, cell.ih.weight[:, f:], cell.hh.weight
+        b_h = torch.cat([cell.hh.bias.new_zeros(f), cell.hh.bias])
+    else:  # LSTM: one W over [phi_x, phi_z, h], the bias with phi_x's block
+        lin = cell.linear
+        w_x, b_x, w_cz, w_ch, b_h = lin.weight[:, :f], lin.bias, lin.weight[:, f : 2 * f], lin.weight[:, 2 * f :], None
+    w_h = torch.cat([q_first.weight[:, f:], w_ch])
+    layers = [p for layer in list(model.posterior_net.net.layers[1:]) + list(model.phi_z.layers)
+              for p in (layer.weight, layer.bias)]
+    return _VRNNSequence.apply(model, fx, state.h, state.c, mask, q_first.weight[:, :f], q_first.bias, w_x, b_x,
+                               w_h, b_h, w_cz, *layers)

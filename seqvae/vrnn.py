@@ -327,7 +327,8 @@ class VRNN(SequenceModel):
         """All steps as one Function with a hand-written backward (fused.py), when it applies."""
         if not fused.enabled(x, *self.parameters()):
             return None
-        h_prev, z, fz, loc, scale, h, c = fused.vrnn_unroll(self, *self._features(x), state, mask)
+        fx = self.phi_x(x.transpose(0, 1))  # (t, b, f); the pass applies its first products itself
+        h_prev, z, fz, loc, scale, h, c = fused.vrnn_unroll(self, fx, state, mask)
         outs = VRNNStep(*(s.transpose(0, 1) for s in (h_prev, z, fz, loc, scale)))  # (b, t, ...) views
         return outs, CellState(h, c if state.c is not None else None)
 

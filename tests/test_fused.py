@@ -102,8 +102,11 @@ def test_draw_pass_equals_the_step_loop(loops, monkeypatch, read, write, likelih
         ("lstm", 2, 1, False, "learned", 0.3),
     ],
 )
-def test_vrnn_pass_equals_the_step_loop(loops, monkeypatch, cell, posterior_layers, z_layers, masked, prior, dropout):
-    """From a carried state, with padded steps and dropout: the same loss and gradients (float64)."""
+@pytest.mark.parametrize("chunk", [64, 4])
+def test_vrnn_pass_equals_the_step_loop(loops, monkeypatch, cell, posterior_layers, z_layers, masked, prior, dropout, chunk):
+    """From a carried state, with padded steps and dropout, in one block of steps or in blocks of 4
+    (11 steps: 4 + 4 + 3): the same loss and gradients (float64)."""
+    monkeypatch.setattr(fused, "CHUNK", chunk)
     torch.manual_seed(0)
     model = _jitter(VRNN(x_dim=7, hidden_size=9, z_size=3, cell=cell, posterior_layers=posterior_layers,
                          z_layers=z_layers, prior=prior, feature_size=6, dropout=dropout).double())

@@ -73,12 +73,12 @@ inline T* row(const Tensor& t, int64_t i) {
   return t.data_ptr<T>() + i * t.stride(0);
 }
 
-// gi (b, 3d) becomes [sigmoid(r), sigmoid(u), n]; h_out = n + u (h - n)
-void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out) {
+// gi (b, 3d) becomes [sigmoid(r), sigmoid(u), n]; h_out = n + u (h - n); ghn_out = gh's n block (for the backward)
+void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Tensor ghn_out) {
   const int64_t b = h.size(0), d = h.size(1);
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "gru_forward", [&] {
     rows(b, d, [&](int64_t i) {
-      scalar_t *g = row<scalar_t>(gi, i), *out = row<scalar_t>(h_out, i);
+      scalar_t *g = row<scalar_t>(gi, i), *out = row<scalar_t>(h_out, i), *kn = row<scalar_t>(ghn_out, i);
       const scalar_t *k = row<scalar_t>(gh, i), *hp = row<scalar_t>(h, i);
       _Pragma("omp simd")
       for (int64_t j = 0; j < d; ++j) {
@@ -89,26 +89,28 @@ void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out) {
         g[d + j] = u;
         g[2 * d + j] = n;
         out[j] = n + u * (hp[j] - n);
+        kn[j] = k[2 * d + j];
       }
     });
   });
 }
 
-// the gradients of the input and hidden gates (dgi, dgh, each (b, 3d)); returns dh u (through h' = n + u (h - n))
-Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& gh, const Tensor& h, Tensor dgi, Tensor dgh) {
+// the gradients of the input and hidden gates (dgi, dgh, each (b, 3d)) given gh's n block ghn (b, d);
+// returns dh u (through h' = n + u (h - n))
+Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, const Tensor& h, Tensor dgi, Tensor dgh) {
   const int64_t b = h.size(0), d = h.size(1);
   Tensor dh_direct = at::empty_like(dh);
   Tensor dhc = dh.contiguous();
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
     rows(b, d, [&](int64_t i) {
-      const scalar_t *a = row<scalar_t>(acts, i), *k = row<scalar_t>(gh, i), *hp = row<scalar_t>(h, i);
+      const scalar_t *a = row<scalar_t>(acts, i), *kn = row<scalar_t>(ghn, i), *hp = row<scalar_t>(h, i);
       const scalar_t* g = row<scalar_t>(dhc, i);
       scalar_t *di = row<scalar_t>(dgi, i), *dk = row<scalar_t>(dgh, i), *dd = row<scalar_t>(dh_direct, i);
       _Pragma("omp simd")
       for (int64_t j = 0; j < d; ++j) {
         const scalar_t r = a[j], u = a[d + j], n = a[2 * d + j];
         const scalar_t dn = g[j] * (1 - u) * (1 - n * n);
-        const scalar_t dr = dn * k[2 * d + j] * r * (1 - r);
+        const scalar_t dr = dn * kn[j] * r * (1 - r);
         const scalar_t du = g[j] * (hp[j] - n) * u * (1 - u);
         di[j] = dr;
         di[d + j] = du;
@@ -188,118 +190,160 @@ inline Tensor relu_backward(const Tensor& grad, const Tensor& out, Tensor into) 
 
 }  // namespace
 
-// The VRNN's forward over all steps (fused.py _VRNNSequence.forward).
-void vrnn_forward(const Tensor& post_x, const Tensor& cell_x, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs,
-                  Tensor big_h, std::vector<Tensor> acts, std::vector<Tensor> fzs, Tensor out_seq, Tensor scale_seq,
-                  Tensor eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq, const Tensor& w_h,
+// The VRNN's forward over all steps (fused.py _vrnn_forward), `chunk` steps at a time: the
+// phi_x parts of the posterior's first layer and of the cell's gates for a chunk, then its steps.
+void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
+                  std::vector<Tensor> acts, std::vector<Tensor> fzs, Tensor out_seq, Tensor scale_seq, Tensor eps,
+                  Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor post_c, Tensor cell_c, Tensor hq,
+                  const Tensor& w_px, const Tensor& b_px, const Tensor& w_cx, const Tensor& b_cx, const Tensor& w_h,
                   const c10::optional<Tensor>& b_h, std::vector<Tensor> q_w, std::vector<Tensor> q_b,
-                  std::vector<Tensor> z_w, std::vector<Tensor> z_b, const Tensor& w_cz, bool lstm, double min_std) {
-  const int64_t steps = post_x.size(0), f = post_x.size(2), nz = eps.size(2), g = cell_x.size(2);
+                  std::vector<Tensor> z_w, std::vector<Tensor> z_b, const Tensor& w_cz, bool lstm, double min_std,
+                  int64_t chunk) {
+  const int64_t steps = fx.size(0), b = fx.size(1), f = fx.size(2), nz = eps.size(2), g = w_cx.size(0);
   const size_t n_q = q_w.size();
-  for (int64_t t = 0; t < steps; ++t) {
-    Tensor h = hs[t];
-    Tensor hq = big_h[t];
-    affine_into(hq, h, w_h, b_h);
-    Tensor a = acts[0][t];
-    at::add_out(a, post_x[t], hq.narrow(1, 0, f)).relu_();
-    for (size_t i = 1; i < n_q; ++i) {
-      Tensor ai = acts[i][t];
-      affine_into(ai, a, q_w[i - 1], q_b[i - 1]);
-      a = ai.relu_();
-    }
-    Tensor out = out_seq[t];
-    affine_into(out, a, q_w[n_q - 1], q_b[n_q - 1]);
-    Tensor scale = scale_seq[t];
-    at::add_out(scale, at::softplus(out, 1, 20).narrow(1, nz, nz), min_std);  // on the whole row: a strided half is 4x slower
-    Tensor e = eps[t];
-    e.normal_();
-    Tensor fz = z_seq[t];
-    at::addcmul_out(fz, out.narrow(1, 0, nz), scale, e);
-    for (size_t l = 0; l < z_w.size(); ++l) {
-      Tensor fl = fzs[l][t];
-      affine_into(fl, fz, z_w[l], z_b[l]);
-      fz = fl.relu_();
-    }
-    Tensor gi = gates_seq[t];
-    at::addmm_out(gi, cell_x[t], fz, w_cz.t());
-    Tensor gh = hq.narrow(1, f, g);
-    if (lstm) {
-      lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
-    } else {
-      gru_forward(gi, gh, h, hs[t + 1]);
-    }
-    if (mask.has_value()) {  // a padded step keeps its state
-      Tensor keep = mask->select(1, t).unsqueeze(1);
-      Tensor next = hs[t + 1];
-      at::where_out(next, keep, next, h);
+  for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
+    const int64_t n = std::min(chunk, steps - s0);
+    Tensor fx_c = fx.narrow(0, s0, n).reshape({n * b, f});
+    Tensor pc = post_c.narrow(0, 0, n), cc = cell_c.narrow(0, 0, n);
+    at::addmm_out(lv(pc.view({n * b, f})), b_px, fx_c, w_px.t());
+    at::addmm_out(lv(cc.view({n * b, g})), b_cx, fx_c, w_cx.t());
+    for (int64_t t = s0; t < s0 + n; ++t) {
+      Tensor h = hs[t];
+      affine_into(hq, h, w_h, b_h);
+      Tensor a = acts[0][t];
+      at::add_out(a, pc[t - s0], hq.narrow(1, 0, f)).relu_();
+      for (size_t i = 1; i < n_q; ++i) {
+        Tensor ai = acts[i][t];
+        affine_into(ai, a, q_w[i - 1], q_b[i - 1]);
+        a = ai.relu_();
+      }
+      Tensor out = out_seq[t];
+      affine_into(out, a, q_w[n_q - 1], q_b[n_q - 1]);
+      Tensor scale = scale_seq[t];
+      at::add_out(scale, at::softplus(out, 1, 20).narrow(1, nz, nz), min_std);  // on the whole row: a strided half is 4x slower
+      Tensor e = eps[t];
+      e.normal_();
+      Tensor fz = z_seq[t];
+      at::addcmul_out(fz, out.narrow(1, 0, nz), scale, e);
+      for (size_t l = 0; l < z_w.size(); ++l) {
+        Tensor fl = fzs[l][t];
+        affine_into(fl, fz, z_w[l], z_b[l]);
+        fz = fl.relu_();
+      }
+      Tensor gi = gates_seq[t];
+      at::addmm_out(gi, cc[t - s0], fz, w_cz.t());
+      Tensor gh = hq.narrow(1, f, g);
       if (lstm) {
-        Tensor cn = cs[t + 1];
-        at::where_out(cn, keep, cn, cs[t]);
+        lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
+      } else {
+        gru_forward(gi, gh, h, hs[t + 1], ghn[t]);
+      }
+      if (mask.has_value()) {  // a padded step keeps its state
+        Tensor keep = mask->select(1, t).unsqueeze(1);
+        Tensor next = hs[t + 1];
+        at::where_out(next, keep, next, h);
+        if (lstm) {
+          Tensor cn = cs[t + 1];
+          at::where_out(cn, keep, cn, cs[t]);
+        }
       }
     }
   }
 }
 
-// The VRNN's backward over all steps (fused.py _VRNNSequence.backward, the loop): fills the
-// gradients of the products' outputs per step; returns the gradients of h_0 (and c_0).
-std::vector<Tensor> vrnn_backward(const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out,
-                                  const c10::optional<Tensor>& dfz_out, const c10::optional<Tensor>& dloc_out,
-                                  const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc,
-                                  const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor big_h,
-                                  std::vector<Tensor> acts, std::vector<Tensor> fzs, Tensor out_seq, Tensor eps,
-                                  Tensor gates_seq, Tensor tc_seq, Tensor d_h, Tensor dgates_seq, Tensor dout_seq,
-                                  std::vector<Tensor> dqs, std::vector<Tensor> dzs, const Tensor& w_h,
-                                  std::vector<Tensor> q_w, std::vector<Tensor> z_w, const Tensor& w_cz, bool lstm) {
-  const int64_t steps = out_seq.size(0), nz = eps.size(2), f = acts[0].size(2);
-  const int64_t n_q = q_w.size(), n_z = z_w.size();
-  for (int64_t t = steps - 1; t >= 0; --t) {
-    Tensor dh_skip, dc_skip;
-    if (mask.has_value()) {  // h_{t+1} = h_new where the step is real, h_t on padding
-      Tensor keep = mask->select(1, t).unsqueeze(1);
-      dh_skip = at::where(keep, 0.0, dh);
-      dh = at::where(keep, dh, 0.0);
-      if (lstm) {
-        dc_skip = at::where(keep, 0.0, dc);
-        dc = at::where(keep, dc, 0.0);
+// dst += a^T b over the rows of the (n, b, .) blocks a and b; dbias += the column sums of a
+inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b, Tensor* dbias) {
+  Tensor a2 = a.reshape({-1, a.size(-1)});
+  dst.addmm_(a2.t(), b.reshape({-1, b.size(-1)}));
+  if (dbias != nullptr) dbias->add_(a2.sum(0));
+}
+
+// The VRNN's backward over all steps (fused.py _vrnn_backward), a chunk at a time from the
+// end: the steps in reverse into the chunk's gradient buffers, then the chunk's share of every
+// weight's gradient (one product each, added into the g_* accumulators) and of phi_x's
+// gradient dfx. Returns the gradients of h_0 (and c_0).
+std::vector<Tensor> vrnn_backward(
+    const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out, const c10::optional<Tensor>& dfz_out,
+    const c10::optional<Tensor>& dloc_out, const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc,
+    const c10::optional<Tensor>& mask, const Tensor& fx, Tensor hs, Tensor cs, Tensor ghn, std::vector<Tensor> acts,
+    std::vector<Tensor> fzs, Tensor out_seq, Tensor eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor d_h,
+    Tensor dgates_c, Tensor dout_c, std::vector<Tensor> dqs, std::vector<Tensor> dzs, Tensor dfx, const Tensor& w_px,
+    const Tensor& w_cx, const Tensor& w_h, std::vector<Tensor> q_w, std::vector<Tensor> z_w, const Tensor& w_cz,
+    std::vector<Tensor> grads, bool lstm, bool has_bias, int64_t chunk) {
+  // grads: g_px, gb_px, g_cx, gb_cx, g_h, gb_h, g_cz, then (w, b) of each q-net layer and of each phi_z layer
+  const int64_t steps = out_seq.size(0), nz = eps.size(2), f = fx.size(2), b = fx.size(1);
+  const int64_t n_q = q_w.size(), n_z = z_w.size(), width = d_h.size(2);
+  for (int64_t s0 = ((steps - 1) / chunk) * chunk; s0 >= 0; s0 -= chunk) {
+    const int64_t n = std::min(chunk, steps - s0);
+    for (int64_t t = s0 + n - 1; t >= s0; --t) {
+      const int64_t k = t - s0;
+      Tensor dh_skip, dc_skip;
+      if (mask.has_value()) {  // h_{t+1} = h_new where the step is real, h_t on padding
+        Tensor keep = mask->select(1, t).unsqueeze(1);
+        dh_skip = at::where(keep, 0.0, dh);
+        dh = at::where(keep, dh, 0.0);
+        if (lstm) {
+          dc_skip = at::where(keep, 0.0, dc);
+          dc = at::where(keep, dc, 0.0);
+        }
       }
+      Tensor dgates = dgates_c[k];
+      Tensor dgh = d_h[k].narrow(1, f, width - f);
+      Tensor dh_direct;
+      if (lstm) {
+        dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates);
+        if (mask.has_value()) dc = dc + dc_skip;
+        dgh.copy_(dgates);
+      } else {
+        dh_direct = gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, dgh);
+      }
+      Tensor dfz = dfz_out.has_value() ? at::addmm((*dfz_out)[t], dgates, w_cz) : at::mm(dgates, w_cz);
+      for (int64_t i = n_z - 1; i >= 0; --i) {  // phi_z
+        dfz = at::mm(relu_backward(dfz, fzs[i][t], dzs[i][k]), z_w[i]);
+      }
+      Tensor dz = dz_out.has_value() ? dfz + (*dz_out)[t] : dfz;
+      Tensor dout = dout_c[k];  // [loc, s~]
+      if (dloc_out.has_value()) {
+        at::add_out(lv(dout.narrow(1, 0, nz)), dz, (*dloc_out)[t]);
+      } else {
+        dout.narrow(1, 0, nz).copy_(dz);
+      }
+      Tensor dscale = dscale_out.has_value() ? at::addcmul((*dscale_out)[t], dz, eps[t]) : dz * eps[t];
+      at::mul_out(lv(dout.narrow(1, nz, nz)), dscale, at::sigmoid(out_seq[t]).narrow(1, nz, nz));  // softplus' = sigmoid
+      Tensor da = at::mm(dout, q_w[n_q - 1]);
+      for (int64_t i = n_q - 1; i >= 1; --i) {  // the q-net's hidden layers
+        da = at::mm(relu_backward(da, acts[i][t], dqs[i - 1][k]), q_w[i - 1]);
+      }
+      relu_backward(da, acts[0][t], d_h[k].narrow(1, 0, f));
+      dh = at::mm(d_h[k], w_h);
+      if (dh_direct.defined()) dh.add_(dh_direct);
+      if (dh_skip.defined()) dh.add_(dh_skip);
+      if (dh_prev.has_value()) dh.add_((*dh_prev)[t]);
     }
-    Tensor dgates = dgates_seq[t];
-    Tensor dgh = d_h[t].narrow(1, f, d_h.size(2) - f);
-    Tensor dh_direct;
-    if (lstm) {
-      dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates);
-      if (mask.has_value()) dc = dc + dc_skip;
-      dgh.copy_(dgates);
-    } else {
-      dh_direct = gru_backward(dh, gates_seq[t], big_h[t].narrow(1, f, d_h.size(2) - f), hs[t], dgates, dgh);
+    // the chunk's share of the weights' gradients and of phi_x's
+    Tensor dH = d_h.narrow(0, 0, n), dG = dgates_c.narrow(0, 0, n);
+    Tensor dpost = dH.narrow(2, 0, f);
+    Tensor fx_c = fx.narrow(0, s0, n);
+    Tensor dfx_c = dfx.narrow(0, s0, n).view({n * b, f});
+    at::mm_out(dfx_c, dpost.reshape({n * b, f}), w_px);
+    dfx_c.addmm_(dG.reshape({-1, dG.size(2)}), w_cx);
+    accumulate(grads[0], dpost, fx_c, &grads[1]);
+    accumulate(grads[2], dG, fx_c, &grads[3]);
+    accumulate(grads[4], dH, hs.narrow(0, s0, n), has_bias ? &grads[5] : nullptr);
+    accumulate(grads[6], dG, fzs[n_z - 1].narrow(0, s0, n), nullptr);
+    for (int64_t i = 0; i < n_q; ++i) {
+      Tensor dpre = i == n_q - 1 ? dout_c.narrow(0, 0, n) : dqs[i].narrow(0, 0, n);
+      accumulate(grads[7 + 2 * i], dpre, acts[i].narrow(0, s0, n), &grads[8 + 2 * i]);
     }
-    Tensor dfz = dfz_out.has_value() ? at::addmm((*dfz_out)[t], dgates, w_cz) : at::mm(dgates, w_cz);
-    for (int64_t i = n_z - 1; i >= 0; --i) {  // phi_z
-      dfz = at::mm(relu_backward(dfz, fzs[i][t], dzs[i][t]), z_w[i]);
+    for (int64_t i = 0; i < n_z; ++i) {
+      const Tensor& input = i == 0 ? z_seq : fzs[i - 1];
+      accumulate(grads[7 + 2 * n_q + 2 * i], dzs[i].narrow(0, 0, n), input.narrow(0, s0, n),
+                 &grads[8 + 2 * n_q + 2 * i]);
     }
-    Tensor dz = dz_out.has_value() ? dfz + (*dz_out)[t] : dfz;
-    Tensor dout = dout_seq[t];  // [loc, s~]
-    if (dloc_out.has_value()) {
-      at::add_out(lv(dout.narrow(1, 0, nz)), dz, (*dloc_out)[t]);
-    } else {
-      dout.narrow(1, 0, nz).copy_(dz);
-    }
-    Tensor dscale = dscale_out.has_value() ? at::addcmul((*dscale_out)[t], dz, eps[t]) : dz * eps[t];
-    at::mul_out(lv(dout.narrow(1, nz, nz)), dscale, at::sigmoid(out_seq[t]).narrow(1, nz, nz));  // softplus' = sigmoid
-    Tensor da = at::mm(dout, q_w[n_q - 1]);
-    for (int64_t i = n_q - 1; i >= 1; --i) {  // the q-net's hidden layers
-      da = at::mm(relu_backward(da, acts[i][t], dqs[i - 1][t]), q_w[i - 1]);
-    }
-    relu_backward(da, acts[0][t], d_h[t].narrow(1, 0, f));
-    dh = at::mm(d_h[t], w_h);
-    if (dh_direct.defined()) dh.add_(dh_direct);
-    if (dh_skip.defined()) dh.add_(dh_skip);
-    if (dh_prev.has_value()) dh.add_((*dh_prev)[t]);
   }
   if (lstm) return {dh, dc};
   return {dh};
 }
-
 
 // ------------------------------------------------------------------------------------------ DRAW
 namespace {
