@@ -156,15 +156,16 @@ def _status_mb(field: str) -> float:
 
 
 def memory_child(case: str, name: str) -> None:
-    """In a fresh process: resident memory before the steps, the peak over two steps (VmHWM, which
+    """In a fresh process: resident memory before the steps, the peak over three steps (VmHWM, which
     a fresh process image starts afresh; ru_maxrss would carry the parent's peak), and the page
-    faults per step (after one warm-up step)."""
+    faults of the third step (after two warm-up steps)."""
     args = parse(sys.argv[1:])
     torch.set_num_threads(args.threads)
     _, fns = build_cases(args)[case]
     fn = fns[name]
     before = _status_mb("VmRSS")
     fn()
+    fn()  # a second warm-up step: allocators (and seqvae's workspaces) reach their steady state
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     fn()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults

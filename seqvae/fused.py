@@ -115,7 +115,7 @@ STEP_ROUND = 32  # a workspace holds a multiple of this many steps, so that sequ
 
 
 _ALLOCATOR_TUNED: list = []
-MMAP_THRESHOLD = 1 << 28  # bytes: glibc serves blocks below this from its heap (default: from 128 KiB, at most 32 MiB, on mmap)
+MMAP_THRESHOLD = 1 << 26  # bytes: glibc serves blocks below this from its heap (default: from 128 KiB, at most 32 MiB, on mmap)
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap glibc keeps before giving memory back to the system
 
 
