@@ -1,29 +1,41 @@
 """Whole-sequence kernels: a model's time loop as one autograd Function with a hand-written backward.
 
-Dimensions: t steps, b batch, d hidden units, z latent units, g gate pre-activations (4d for
-an LSTM, 3d for a GRU), n glimpse size, s pixels along an image axis, c channels.
+Dimensions: t steps, b batch, d hidden units, f features, z latent units, g gate
+pre-activations (4d for an LSTM, 3d for a GRU), n glimpse size, s pixels along an image axis,
+c channels.
 
 `recurrent.unroll` runs a model's `step` T times and lets autograd record every operation of
-every step. On a CPU that recording, and replaying it backwards, costs more than the
+every step. On a CPU that recording, and replaying it backwards, costs as much as the
 arithmetic for the small tensors of a recurrent model (a DRAW glimpse or a VRNN step is a few
-dozen operations on 64-128 rows). Here a model's whole pass is one `torch.autograd.Function`:
+dozen operations on 64-128 rows). Here a model's whole pass is one `torch.autograd.Function`
+(`_DrawSequence`, `_VRNNSequence`):
 
-  * forward: the same operations as the model's step, in the same order (so that the values,
-    and the random numbers drawn, are the step loop's), under no autograd, writing into
-    buffers allocated once per sequence; products that read the same state are one product
-    over the weights side by side (DRAW: the write head of step t and the read head, the
-    encoder and the decoder of step t+1 all read h^dec_t);
+  * forward: the model's step, the same arithmetic in the same order, with the same random
+    numbers drawn (so that the values are the step loop's to rounding), under no autograd,
+    into buffers leased from a per-model pool (`_lease`); products that read the same state
+    are one product over the weights side by side (DRAW: the write head of step t and the
+    read head, the encoder and the decoder of step t+1 all read h^dec_t);
   * backward: the steps in reverse, each written out by hand (the LSTM and GRU updates, the
-    posterior's reparameterisation, the filterbank read and write heads: softmax, Gaussian
-    filters, attention parameters), with only the gradients of the inputs per step; every
-    weight's gradient is one product over all steps at the end.
+    reparameterised posterior, the VRNN's q-net and phi_z, the filterbank read and write
+    heads), with only the gradients of the inputs per step; a weight's gradient is one product
+    over all steps (DRAW) or over blocks of CHUNK steps (the VRNN: so that its per-step
+    gradients live for one block, not for the whole sequence).
+
+The loops run in C++ (csrc/fused.cpp: the same loops, ATen's products and one pass per
+element for the cell updates and the filterbanks), built by torch.utils.cpp_extension on
+first use for the machine's CPU and cached (~40 s once); where it cannot be built (no
+compiler), in Python, with a warning. SEQVAE_NATIVE=0 runs the Python loops.
 
 The model's `fused_unroll(x, state, mask)` (the recurrent contract's hook) returns the step
-outputs stacked over time and the final state, the same as the step loop's; `score` then runs
-as usual on them, with autograd. `recurrent.unroll` calls the hook when gradients are wanted,
+outputs stacked over time and the final state, as the step loop does; `score` then runs as
+usual on them, with autograd. `recurrent.unroll` calls the hook when gradients are wanted,
 on a CPU in float32 or float64, outside torch.compile and autocast, with no `between`
 (FIVO) and no kept states; anywhere else (or with SEQVAE_FUSED=0) the step loop runs.
-The tests compare values and every gradient with the step loop's (1e-5 relative).
+The tests compare values and every gradient with the step loop's, in C++ and in Python.
+
+Memory: a training step's temporaries of tens of megabytes would be mapped and unmapped by
+glibc at every step (~10^5 page faults for a T=500 VRNN step); `tune_allocator` raises its
+mmap and trim thresholds once per process, on the first fused pass.
 
 The maths of each backward, in the forward's notation:
   LSTM  (i, f, o) = sigmoid(.), u = tanh(.), c' = f c + i u, h' = o tanh(c'):
@@ -32,8 +44,10 @@ The maths of each backward, in the forward's notation:
   GRU   r, k = sigmoid(gi_rk + gh_rk), n = tanh(gi_n + r gh_n), h' = n + k (h - n):
         dn = dh' (1 - k); dk = dh' (h - n); dh = dh' k; dn_pre = dn (1 - n^2);
         dr = dn_pre gh_n; dgh_n = dn_pre r.
-  softmax F = softmax(l): dl = F (dF - sum(dF F)).
-  filters l = -(a - mu)^2 / (2 sigma^2): dmu = sum_a dl 2 (a - mu) / (2 sigma^2) ... (see `_filters_backward`).
+  posterior z = loc + scale eps: dloc = dz; dscale = dz eps (DRAW: scale = exp(.), VRNN:
+        softplus(.) + 1e-4, whose derivative is sigmoid(.)).
+  ReLU  the gradient where the output is positive.
+  filterbank (attention.Filterbanks.backward): softmax, Gaussian filters, attention parameters.
 """
 
 from __future__ import annotations
@@ -731,10 +745,11 @@ def _native():
 
             source = Path(__file__).with_name("csrc") / "fused.cpp"
             # built for this machine's CPU (-march=native), so named after it: a cache shared by
-            # machines of different CPUs keeps one build for each
+            # machines of different CPUs keeps one build for each. No contraction of a * b + c into
+            # fused multiply-adds: the filterbank's x * x - min(x * x) must be exactly 0 at the minimum
             tag = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]
             _NATIVE.append(load(name=f"seqvae_fused_{tag}", sources=[str(source)],
-                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False))
+                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"], verbose=False))
         except Exception as error:  # no compiler, no ninja, a failed build: the Python loops run instead
             warnings.warn(f"seqvae: the C++ time loops could not be built, running them in Python ({error})", stacklevel=2)
             _NATIVE.append(None)

@@ -238,3 +238,45 @@ def test_filterbank_backward_equals_autograd(height, width, n):
     (expected,) = torch.autograd.grad((fy * gy).sum() + (fx * gx).sum() + (att.gamma * gg).sum(), raw)
     got = filters.backward(saved, gy, gx, gg)
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12 * expected.abs().max().item())
+
+
+def test_draw_pass_with_attention_far_outside_its_range_equals_the_step_loop(loops, monkeypatch):
+    """Read and write parameters past the clamps (log sigma^2 and log gamma above 80, a vanishing
+    variance, a centre far off the image): the same gradients as the step loop."""
+    torch.manual_seed(0)
+    model = _jitter(DRAW(image_shape=(1, 9, 11), steps=3, hidden_size=8, z_size=3, read_size=3, write_size=2).double())
+    with torch.no_grad():
+        model.read_head.to_params.bias.copy_(torch.tensor([40.0, -3.0, 85.0, 1.0, 85.0]))
+        model.write_head.proj.bias[-5:] = torch.tensor([0.5, 1e3, -40.0, 4.0, -2.0])
+    x = (torch.rand(5, 1, 9, 11, dtype=torch.float64) > 0.5).double()
+    loss0, g0, _ = _loss_and_grads(model, x, fused_on=False, monkeypatch=monkeypatch)
+    loss1, g1, terms = _loss_and_grads(model, x, fused_on=True, monkeypatch=monkeypatch)
+    assert _made_by(terms.z, "_DrawSequenceBackward")
+    assert torch.isfinite(loss0) and abs(loss1.item() - loss0.item()) <= 1e-9 * abs(loss0.item())
+    _assert_same_gradients(g0, g1, 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_cpp_filterbank_equals_attention_filterbanks(dtype):
+    """csrc/fused.cpp's filterbank (one pass per example) against attention.Filterbanks, forward and
+    backward, for a non-square image and rows past every clamp."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native = fused._native()
+    if native is None:
+        pytest.skip("the C++ loops could not be built here (no compiler?)")
+    torch.manual_seed(0)
+    filters = Filterbanks(9, 11, 3).to(dtype)
+    head = type("Head", (), {"filters": filters})()
+    raw = torch.randn(6, 5, dtype=dtype)
+    raw[0] = torch.tensor([0.5, 1e3, -40.0, 4.0, -2.0])  # far off the image, a vanishing variance
+    raw[1] = torch.tensor([40.0, -3.0, 85.0, 1.0, 85.0])  # past the clamps of log sigma^2 and log gamma
+    got = native.filters_forward(*fused._filters_spec(head), raw)
+    fy, fx, att, saved = filters.forward_saving(raw)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for a, b in ((got[0], fy), (got[1], fx), (got[2], att.gamma)):
+        assert torch.allclose(a, b, rtol=tol, atol=tol)
+    gy, gx, gg = torch.randn_like(fy), torch.randn_like(fx), torch.randn_like(att.gamma)
+    expected = filters.backward(saved, gy, gx, gg)
+    assert torch.allclose(native.filters_backward(*fused._filters_spec(head), got, gy, gx, gg), expected,
+                          rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=tol * expected.abs().max().item())

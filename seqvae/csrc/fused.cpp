@@ -12,6 +12,7 @@
 #include <cmath>
 #include <bit>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -360,50 +361,111 @@ struct Filters {
   bool padded() const { return pad.numel() > 0; }
 };
 
-// Filterbanks.forward_saving: {fy, fx, gamma, raw, sigma2, delta, mu, diff, sq, coef, both}
+// Filterbanks.forward_saving as one pass over each example (the same arithmetic, attention.py):
+// returns {fy, fx, gamma, raw, e = exp(clamped logs) (b, 3), mu (b, 2, n), the rows' shift
+// (b, 2, n), coef (b,), both filterbanks (b, 2, n, s), delta (b,), sigma2 (b,)}.
 std::vector<Tensor> filters_forward(const Filters& fb, const Tensor& raw) {
-  Tensor centre = at::addcmul(fb.half_size, raw.narrow(1, 0, 2), fb.half_size);  // (b, 2)
-  Tensor logs = raw.narrow(1, 2, 3);
-  Tensor e = logs.clamp_max(fb.log_max).exp();  // sigma2, delta~, gamma
-  Tensor sigma2 = e.select(1, 0), delta = e.select(1, 1) * fb.stride, gamma = e.select(1, 2);
-  Tensor mu = at::addcmul(centre.unsqueeze(-1), delta.clamp_max(fb.far).view({-1, 1, 1}), fb.offsets);  // (b, 2, n)
-  Tensor diff = fb.grid - mu.clamp(-fb.far, fb.far).unsqueeze(-1);  // (b, 2, n, s)
-  Tensor sq = diff.square();
-  sq = sq - (fb.padded() ? sq - fb.pad : sq).amin(-1, true);
-  Tensor coef = (sigma2.clamp_min(fb.sigma2_min) * -2).reciprocal().view({-1, 1, 1, 1});
-  Tensor logits = sq * coef;
-  if (fb.padded()) logits = logits + fb.pad;
-  Tensor both = logits.softmax(-1);
-  Tensor fx = both.select(1, 0), fy = both.select(1, 1);
-  if (fb.padded()) {
-    fx = fx.narrow(-1, 0, fb.width);
-    fy = fy.narrow(-1, 0, fb.height);
-  }
-  return {fy, fx, gamma, raw, sigma2, delta, mu, diff, sq, coef, both};
+  const int64_t b = raw.size(0), n = fb.offsets.size(0), size = fb.grid.size(0);
+  Tensor both = at::empty({b, 2, n, size}, raw.options());
+  Tensor e = at::empty({b, 3}, raw.options()), mu = at::empty({b, 2, n}, raw.options());
+  Tensor shift = at::empty({b, 2, n}, raw.options()), coef = at::empty({b}, raw.options());
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "filters_forward", [&] {
+    const Tensor half = fb.half_size.contiguous(), offsets = fb.offsets.contiguous();
+    const scalar_t *hp = half.data_ptr<scalar_t>(), *op = offsets.data_ptr<scalar_t>();
+    const scalar_t far = fb.far, log_max = fb.log_max, s2min = fb.sigma2_min, stride = fb.stride;
+    const int64_t limits[2] = {fb.width, fb.height};
+    at::parallel_for(0, b, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t* r = raw.data_ptr<scalar_t>() + i * raw.stride(0);
+        scalar_t* ei = e.data_ptr<scalar_t>() + i * 3;
+        for (int j = 0; j < 3; ++j) ei[j] = std::exp(std::min(r[(2 + j) * raw.stride(1)], log_max));
+        const scalar_t delta = std::min(ei[1] * stride, far);
+        const scalar_t cf = scalar_t(1) / (std::max(ei[0], s2min) * scalar_t(-2));
+        coef.data_ptr<scalar_t>()[i] = cf;
+        for (int axis = 0; axis < 2; ++axis) {
+          const scalar_t centre = hp[axis] + r[axis * raw.stride(1)] * hp[axis];
+          for (int64_t k = 0; k < n; ++k) {
+            const int64_t at = (i * 2 + axis) * n + k;
+            const scalar_t m = centre + delta * op[k];
+            mu.data_ptr<scalar_t>()[at] = m;
+            const scalar_t mc = std::min(std::max(m, -far), far);
+            scalar_t* row = both.data_ptr<scalar_t>() + at * size;
+            scalar_t low = std::numeric_limits<scalar_t>::infinity();
+            for (int64_t a = 0; a < limits[axis]; ++a) low = std::min(low, (a + 1 - mc) * (a + 1 - mc));
+            shift.data_ptr<scalar_t>()[at] = low;
+            scalar_t total = 0;
+            _Pragma("omp simd reduction(+ : total)")
+            for (int64_t a = 0; a < limits[axis]; ++a) {
+              const scalar_t diff = a + 1 - mc;  // the logit is <= 0, and 0 at the nearest pixel
+              row[a] = exp_<scalar_t>(std::min<scalar_t>((diff * diff - low) * cf, 0));
+              total += row[a];
+            }
+            for (int64_t a = 0; a < limits[axis]; ++a) row[a] /= total;
+            for (int64_t a = limits[axis]; a < size; ++a) row[a] = 0;
+          }
+        }
+      }
+    });
+  });
+  Tensor fx = both.select(1, 0).narrow(-1, 0, fb.width), fy = both.select(1, 1).narrow(-1, 0, fb.height);
+  return {fy, fx, e.select(1, 2), raw, e, mu, shift, coef, both, e.select(1, 1) * fb.stride, e.select(1, 0)};
 }
 
-// Filterbanks.backward: the gradient of raw (b, 5); s = filters_forward's output
+// Filterbanks.backward, one pass over each example: the gradient of raw (b, 5) given those of
+// fy, fx and gamma; s = filters_forward's output (from s[at0])
 Tensor filters_backward(const Filters& fb, const std::vector<Tensor>& s, size_t at0, const Tensor& dfy,
                         const Tensor& dfx, const Tensor& dgamma) {
-  const Tensor &raw = s[at0 + 3], &sigma2 = s[at0 + 4], &delta = s[at0 + 5], &mu = s[at0 + 6];
-  const Tensor &diff = s[at0 + 7], &sq = s[at0 + 8], &coef = s[at0 + 9], &both = s[at0 + 10];
-  Tensor dboth;
-  if (fb.padded()) {
-    dboth = at::zeros_like(both);
-    dboth.select(1, 0).narrow(-1, 0, fb.width).copy_(dfx);
-    dboth.select(1, 1).narrow(-1, 0, fb.height).copy_(dfy);
-  } else {
-    dboth = at::stack({dfx, dfy}, 1);
-  }
-  Tensor dlogits = both * (dboth - (dboth * both).sum(-1, true));
-  Tensor dcoef = (dlogits * sq).sum({1, 2, 3});
-  Tensor dmu = (dlogits * diff).sum(-1).mul_(coef.view({-1, 1, 1}) * -2).masked_fill_(mu.abs() > fb.far, 0);
-  Tensor ddelta = (dmu * fb.offsets).sum({1, 2}).masked_fill_(delta > fb.far, 0);
-  Tensor dsigma2 = (dcoef * 2 * coef.view({-1}).square()).masked_fill_(sigma2 < fb.sigma2_min, 0);
-  Tensor logs = raw.narrow(1, 2, 3);
-  Tensor de = at::stack({dsigma2, ddelta * fb.stride, dgamma}, 1);
-  Tensor dlogs = (de * logs.clamp_max(fb.log_max).exp()).masked_fill_(logs > fb.log_max, 0);
-  return at::cat({dmu.sum(-1) * fb.half_size, dlogs}, 1);
+  const Tensor &raw = s[at0 + 3], &e = s[at0 + 4], &mu = s[at0 + 5], &shift = s[at0 + 6], &coef = s[at0 + 7];
+  const Tensor& both = s[at0 + 8];
+  const int64_t b = raw.size(0), n = fb.offsets.size(0), size = fb.grid.size(0);
+  Tensor draw = at::empty({b, 5}, raw.options());
+  Tensor dfxc = dfx.contiguous(), dfyc = dfy.contiguous(), dgc = dgamma.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(raw.scalar_type(), "filters_backward", [&] {
+    const Tensor half = fb.half_size.contiguous(), offsets = fb.offsets.contiguous();
+    const scalar_t *hp = half.data_ptr<scalar_t>(), *op = offsets.data_ptr<scalar_t>();
+    const scalar_t far = fb.far, log_max = fb.log_max, s2min = fb.sigma2_min, stride = fb.stride;
+    const int64_t limits[2] = {fb.width, fb.height};
+    const scalar_t* grads[2] = {dfxc.data_ptr<scalar_t>(), dfyc.data_ptr<scalar_t>()};
+    at::parallel_for(0, b, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const scalar_t* ei = e.data_ptr<scalar_t>() + i * 3;
+        const scalar_t cf = coef.data_ptr<scalar_t>()[i];
+        scalar_t dcoef = 0, ddelta = 0, dcentre[2] = {0, 0};
+        for (int axis = 0; axis < 2; ++axis) {
+          for (int64_t k = 0; k < n; ++k) {
+            const int64_t at = (i * 2 + axis) * n + k;
+            const scalar_t m = mu.data_ptr<scalar_t>()[at], low = shift.data_ptr<scalar_t>()[at];
+            const scalar_t mc = std::min(std::max(m, -far), far);
+            const scalar_t* row = both.data_ptr<scalar_t>() + at * size;
+            const scalar_t* g = grads[axis] + (i * n + k) * limits[axis];
+            scalar_t dot = 0;
+            for (int64_t a = 0; a < limits[axis]; ++a) dot += g[a] * row[a];
+            scalar_t dm = 0;
+            for (int64_t a = 0; a < limits[axis]; ++a) {
+              const scalar_t dl = row[a] * (g[a] - dot);  // through the softmax
+              const scalar_t diff = a + 1 - mc;
+              dcoef += dl * (diff * diff - low);
+              dm += dl * diff;
+            }
+            dm *= -2 * cf;
+            if (std::abs(m) > far) dm = 0;
+            dcentre[axis] += dm;
+            ddelta += dm * op[k];
+          }
+        }
+        if (ei[1] * stride > far) ddelta = 0;
+        scalar_t dsigma2 = dcoef * 2 * cf * cf;
+        if (ei[0] < s2min) dsigma2 = 0;
+        const scalar_t de[3] = {dsigma2, ddelta * stride, dgc.data_ptr<scalar_t>()[i]};
+        const scalar_t* r = raw.data_ptr<scalar_t>() + i * raw.stride(0);
+        scalar_t* out = draw.data_ptr<scalar_t>() + i * 5;
+        out[0] = dcentre[0] * hp[0];
+        out[1] = dcentre[1] * hp[1];
+        for (int j = 0; j < 3; ++j) out[2 + j] = r[(2 + j) * raw.stride(1)] > log_max ? 0 : de[j] * ei[j];
+      }
+    });
+  });
+  return draw;
 }
 
 Tensor paste(const Tensor& fy, const Tensor& u, int64_t channels) {
@@ -585,5 +647,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vrnn_forward", &vrnn_forward);
   m.def("vrnn_backward", &vrnn_backward);
   m.def("draw_forward", &draw_forward);
+  m.def("filters_forward", [](std::vector<Tensor> t, std::vector<double> v, const Tensor& raw) {
+    return filters_forward(Filters(t, v), raw);
+  });
+  m.def("filters_backward", [](std::vector<Tensor> t, std::vector<double> v, std::vector<Tensor> saved,
+                               const Tensor& dfy, const Tensor& dfx, const Tensor& dgamma) {
+    return filters_backward(Filters(t, v), saved, 0, dfy, dfx, dgamma);
+  });
   m.def("draw_backward", &draw_backward);
 }
