@@ -39,22 +39,25 @@ def summary(times: list[float]) -> str:
 
 def step_flops(fn) -> float:
     """Floating-point operations of one call of fn, counted over the matrix products (mm, addmm,
-    bmm, ...) of its forward and backward by torch.utils.flop_counter, with ATen's kernels forced
-    (the counter does not see oneDNN's)."""
+    bmm, ...) of its forward and backward by torch.utils.flop_counter, with ATen's kernels and
+    the step loop forced: the counter sees neither oneDNN's products nor the in-place ones of
+    seqvae's whole-sequence passes (seqvae/fused.py), whose products are the step loop's."""
     import os
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    previous = os.environ.get("SEQVAE_GEMM")
-    os.environ["SEQVAE_GEMM"] = "aten"
+    forced = {"SEQVAE_GEMM": "aten", "SEQVAE_FUSED": "0"}
+    previous = {key: os.environ.get(key) for key in forced}
+    os.environ.update(forced)
     try:
         with FlopCounterMode(display=False) as counter:
             fn()
     finally:
-        if previous is None:
-            os.environ.pop("SEQVAE_GEMM")
-        else:
-            os.environ["SEQVAE_GEMM"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
     return float(counter.get_total_flops())
 
 
