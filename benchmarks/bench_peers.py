@@ -21,8 +21,9 @@ The benchmark takes the named top-level definitions (classes and functions) out 
 file with `ast` and runs them as written; the files' own imports (torchvision, tqdm,
 matplotlib, their data loaders) are not needed and not run. Random binary data stand in
 for MNIST and piano rolls (the cost does not depend on the values). With --memory, each
-implementation also runs alone in a fresh process: its peak resident memory over a step
-above what it held before (VmHWM - VmRSS, Linux) and the page faults of one step.
+implementation also runs alone in a fresh process for five steps: its peak resident memory
+above what it held before (VmHWM - VmRSS, Linux) and its page faults per step over the last
+three (after two warm-up steps).
 """
 
 from __future__ import annotations
@@ -155,20 +156,24 @@ def _status_mb(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
+FAULT_STEPS = 3
+
+
 def memory_child(case: str, name: str) -> None:
-    """In a fresh process: resident memory before the steps, the peak over three steps (VmHWM, which
+    """In a fresh process: resident memory before the steps, the peak over all of them (VmHWM, which
     a fresh process image starts afresh; ru_maxrss would carry the parent's peak), and the page
-    faults of the third step (after two warm-up steps)."""
+    faults per step over FAULT_STEPS steps after two warm-up steps."""
     args = parse(sys.argv[1:])
     torch.set_num_threads(args.threads)
     _, fns = build_cases(args)[case]
     fn = fns[name]
     before = _status_mb("VmRSS")
     fn()
-    fn()  # a second warm-up step: allocators (and seqvae's workspaces) reach their steady state
+    fn()  # a second warm-up step: allocators (and seqvae's workspaces) approach their steady state
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    fn()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    for _ in range(FAULT_STEPS):
+        fn()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) // FAULT_STEPS
     print(_status_mb("VmHWM") - before, faults)
 
 
