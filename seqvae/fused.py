@@ -65,6 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 from . import gemm
 from .attention import _FAR, _LOG_MAX, _SIGMA2_MIN
@@ -181,7 +182,19 @@ def _release(model, ws: _Workspace) -> None:
         pool.pop(next(iter(pool)))
 
 
+def _guard(ctx, model) -> None:
+    """Remember the parameters' versions: their gradients are computed from the values of the forward."""
+    ctx.versions = [(p, p._version) for p in model.parameters()]
+
+
 def _check_lease(ctx) -> None:
+    for p, version in ctx.versions:
+        if p._version != version:
+            raise RuntimeError(
+                "a parameter was modified in place after the fused pass's forward and before its backward "
+                f"(a {tuple(p.shape)} parameter, version {version} then {p._version}); "
+                "its gradient would be wrong. Step the optimiser after backward, or set SEQVAE_FUSED=0"
+            )
     if ctx.ws.generation != ctx.generation:
         raise RuntimeError(
             "a second backward through a fused pass after a later pass reused its buffers; "
@@ -359,8 +372,10 @@ class _DrawSequence(Function):
         # rows of A: [write (P) | encoder (4d) | decoder (4d) | read (5)]
         w_a = torch.cat([ww, we[:, nr : nr + d], wd[:, nz:]] + ([wr] if read_fb else []))
         b_a = torch.cat([bw, be, bd] + ([br] if read_fb else []))
-        prods = (_Product(b, w_a, b_a), _Product(b, ww, bw), _Product(b, torch.cat([we[:, :nr], we[:, nr + d :]], dim=1)),
-                 _Product(b, wq, bq), _Product(b, wd[:, :nz]))
+        # (weight, bias) of A, of the last step's write alone, of the encoder's [r, h^enc] columns,
+        # of the posterior and of the decoder's z columns
+        weights = [(w_a, b_a), (ww.contiguous(), bw), (torch.cat([we[:, :nr], we[:, nr + d :]], dim=1), None),
+                   (wq.contiguous(), bq), (wd[:, :nz].contiguous(), None)]
         n_a = w_a.shape[0]
         ws = _lease(model, steps, {  # first size: steps added
             "a": (1, b, n_a),  # A_t from h^dec_t
@@ -383,14 +398,15 @@ class _DrawSequence(Function):
                 w["eps"], w["mean"], w["v"], q_seq, z_seq)
         native = _native()
         if native is not None:
-            saved = native.draw_forward(x, canvas0, *bufs, prods[0].weight, prods[0].bias, prods[1].weight, prods[1].bias,
-                                        prods[2].weight, prods[3].weight, prods[3].bias, prods[4].weight, dims,
+            (w_a, b_a), (w_w, b_w), (w_e, _), (w_q, b_q), (w_z, _) = weights
+            saved = native.draw_forward(x, canvas0, *bufs, w_a, b_a, w_w, b_w, w_e, w_q, b_q, w_z, dims,
                                         *_filters_spec(read), *_filters_spec(write))
             canvas = saved[0][0]
-        else:
-            canvas, saved = _draw_forward(x, canvas0, *bufs, prods, dims, read, write)
+        else:  # the products by the kernels gemm.py measured fastest
+            canvas, saved = _draw_forward(x, canvas0, *bufs, [_Product(b, w, bias) for w, bias in weights], dims, read, write)
+        _guard(ctx, model)
         ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
-        ctx.dims, ctx.prods, ctx.saved = dims, prods, saved
+        ctx.dims, ctx.weights, ctx.saved = dims, [w for w, _ in weights], saved
         ctx.save_for_backward(q_seq, z_seq)
         a_seq = w["a"]
         raw_read = a_seq[:steps, :, nw + 8 * d : nw + 8 * d + 5].clone() if read_fb else x.new_empty(0)
@@ -400,25 +416,28 @@ class _DrawSequence(Function):
                 w["cd"][steps].clone(), q_seq, z_seq, raw_read, raw_write)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dcanvas, dhe, dce, dhd, dcd, dq_out, dz_out, draw_read, draw_write):
         _check_lease(ctx)
         model, ws, w, dims = ctx.model, ctx.ws, ctx.ws.views, ctx.dims
         steps, b, d, nz, c, hh, wi, nr, nw = dims[:9]
         n_a = w["a"].shape[2]
-        prod_a, _, prod_enc, prod_q, prod_dz = ctx.prods
+        w_a, _, w_enc, w_q, w_dz = ctx.weights
         q_seq, z_seq = ctx.saved_tensors
         enc_in, hd_seq, da_seq, dq_seq = w["enc_in"], w["hd"], w["da"], w["dq"]
         read, write = model.read_head, model.write_head
         zeros = hd_seq.new_zeros(b, d)
-        dcanvas = q_seq.new_zeros(b, model.canvas0.shape[0], hh, wi) if dcanvas is None else dcanvas.clone()
+        if dcanvas is None:
+            dcanvas = q_seq.new_zeros(b, model.canvas0.shape[0], hh, wi)
+        else:  # a copy (updated in place), contiguous whatever the incoming gradient's layout
+            dcanvas = dcanvas.clone(memory_format=torch.contiguous_format)
         da_seq[0, :, :nw] = 0  # A_0's write part and A_T's other parts are never read
         da_seq[steps, :, nw:] = 0
         if dims[9] == 0:
             da_seq[:, :, nw + 8 * d :] = 0
         args = (dcanvas, zeros if dhe is None else dhe, zeros if dce is None else dce, dhd, zeros if dcd is None else dcd,
                 dq_out, dz_out, draw_read, draw_write, ctx.saved, w["ce"], w["cd"], w["g_enc"], w["g_dec"], w["tc_enc"],
-                w["tc_dec"], w["eps"], w["mean"], w["v"], q_seq, da_seq, dq_seq, prod_a.weight, prod_enc.weight,
-                prod_q.weight, prod_dz.weight, dims)
+                w["tc_dec"], w["eps"], w["mean"], w["v"], q_seq, da_seq, dq_seq, w_a, w_enc, w_q, w_dz, dims)
         if ctx.native is not None:
             dcanvas, dhe, dce, dhd0, dcd = ctx.native.draw_backward(*args, *_filters_spec(read), *_filters_spec(write))
         else:
@@ -479,13 +498,6 @@ def draw_unroll(model, x: Tensor, state) -> tuple[Any, Any]:
 
 
 # ------------------------------------------------------------------------------------------ VRNN
-def _relu_chain(x: Tensor, layers: list, outs: list[Tensor]) -> Tensor:
-    """relu(layer(...)) through the layers, each activation into its out; returns the last."""
-    for layer, out in zip(layers, outs):
-        x = layer(x, out=out).relu_()
-    return x
-
-
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
     """x W^T (+ b) into out."""
     if bias is None:
@@ -677,11 +689,13 @@ class _VRNNSequence(Function):
             w["c"][0] = c0
         fx = fx.contiguous()
         acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
-        (_native() or _Python).vrnn_forward(
+        native = _native()
+        (native or _Python).vrnn_forward(
             fx, mask, hs, w["c"], w["ghn"], acts, fzs, out_seq, scale_seq, w["eps"], z_seq, w["gates"], w["tc"],
             w["post"], w["cell"], w["H"], weights[0], weights[1], weights[2], weights[3], weights[4], b_h,
             q_w, q_b, z_w, z_b, weights[5], lstm, MIN_STD, chunk)
-        ctx.model, ctx.ws, ctx.generation = model, ws, ws.generation
+        _guard(ctx, model)
+        ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
         ctx.dims = (n_q, n_z, lstm, b_h is not None, chunk)
         ctx.weights = weights
         ctx.save_for_backward(mask, fx, hs, fz, out_seq, z_seq)
@@ -689,6 +703,7 @@ class _VRNNSequence(Function):
         return hs[:steps], z_seq, fz, out_seq[:, :, :nz], scale_seq, hs[steps], c_last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc):
         _check_lease(ctx)
         model, ws, w = ctx.model, ctx.ws, ctx.ws.views
@@ -704,7 +719,7 @@ class _VRNNSequence(Function):
         grads = [torch.zeros_like(p) for p in weights[:5]] + [hs.new_zeros(weights[4].shape[0])]
         grads += [torch.zeros_like(weights[5])] + [torch.zeros_like(p) for p in weights[6:]]
         dfx = torch.empty_like(fx)
-        first = (_native() or _Python).vrnn_backward(
+        first = (ctx.native or _Python).vrnn_backward(
             dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, fx, hs, w["c"], w["ghn"], acts, fzs, out_seq,
             w["eps"], z_seq, w["gates"], w["tc"], w["dH"], w["dgates"], w["dout"], dqs, dzs, dfx, weights[0],
             weights[2], weights[4], weights[6 : 6 + 2 * n_q : 2], weights[6 + 2 * n_q :: 2], weights[5], grads, lstm,
@@ -724,32 +739,44 @@ class _Python:
 _NATIVE: list = []  # [the built extension, or None once a build failed]
 
 
-def _cpu_flags() -> str:
-    """The CPU's model name and instruction-set flags (Linux; elsewhere the platform's description)."""
+def _cpu_id() -> str:
+    """What identifies the CPU a -march=native build is for: /proc/cpuinfo's lines naming the model
+    and its instruction sets (x86: model name, flags; ARM: CPU implementer, part, Features)."""
+    keys = ("model name", "flags", "cpu family", "model\t", "Features", "CPU implementer", "CPU architecture",
+            "CPU variant", "CPU part")
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
+            lines = {line.strip() for line in f if line.startswith(keys)}
     except OSError:
-        return platform.processor() + platform.machine()
+        lines = set()
+    return "\n".join(sorted(lines)) + f"\n{platform.machine()} {platform.processor()}"
+
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"]
 
 
 def _native():
     """The C++ loops (csrc/fused.cpp), built by torch.utils.cpp_extension on first use and cached
-    by it per machine (~30 s once); None with SEQVAE_NATIVE=0 or where no compiler can build them."""
+    by it (~40 s once); None with SEQVAE_NATIVE=0 or where they cannot be built (the Python loops
+    then run, with one warning per process)."""
     if os.environ.get("SEQVAE_NATIVE", "1") == "0":
         return None
     if not _NATIVE:
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils import cpp_extension
 
             source = Path(__file__).with_name("csrc") / "fused.cpp"
-            # built for this machine's CPU (-march=native), so named after it: a cache shared by
-            # machines of different CPUs keeps one build for each. No contraction of a * b + c into
-            # fused multiply-adds: the filterbank's x * x - min(x * x) must be exactly 0 at the minimum
-            tag = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]
-            _NATIVE.append(load(name=f"seqvae_fused_{tag}", sources=[str(source)],
-                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"], verbose=False))
+            # Built for this machine's CPU (-march=native), so named after it, after the source, the
+            # flags and torch: a cache shared by different CPUs, seqvae versions or torch builds keeps
+            # one build of each. No contraction of a * b + c into fused multiply-adds: the
+            # filterbank's x * x - min(x * x) must be exactly 0 at the minimum.
+            key = "\n".join([_cpu_id(), source.read_text(), " ".join(CFLAGS), torch.__version__])
+            name = f"seqvae_fused_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+            built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+            if not built.exists():
+                print(f"seqvae: building the C++ time loops for this machine (once, about 40 s): {built.parent}",
+                      file=sys.stderr, flush=True)
+            _NATIVE.append(cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CFLAGS, verbose=False))
         except Exception as error:  # no compiler, no ninja, a failed build: the Python loops run instead
             warnings.warn(f"seqvae: the C++ time loops could not be built, running them in Python ({error})", stacklevel=2)
             _NATIVE.append(None)

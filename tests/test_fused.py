@@ -42,14 +42,28 @@ def _made_by(t: torch.Tensor, name: str, depth: int = 4) -> bool:
     return False
 
 
+def _weighted(t: torch.Tensor) -> torch.Tensor:
+    """A fixed random weighting of t's entries, read through a permuted (non-contiguous) view, so
+    that the gradient arriving at the fused pass has an unusual layout."""
+    view = t.permute(*reversed(range(t.dim())))
+    weights = torch.randn(view.shape, generator=torch.Generator().manual_seed(t.numel()), dtype=t.dtype)
+    return (view * weights).sum()
+
+
 def _loss_and_grads(model, x, *, fused_on: bool, seed: int = 3, monkeypatch=None, **terms_kw):
+    """The ELBO's gradients plus gradients through every output of the pass: the final state
+    (each field) and, for DRAW, the attention parameters of every glimpse."""
     monkeypatch.setenv("SEQVAE_FUSED", "1" if fused_on else "0")
     torch.manual_seed(seed)
     model.zero_grad()
-    terms, state = model.terms(x, **terms_kw)
-    loss = -(terms.log_px.sum() - terms.kl().sum())
     if model.sequential:
-        loss = loss + (state.h ** 2).sum()  # a gradient through the final state too
+        terms, state = model.terms(x, **terms_kw)
+        extra = [s for s in state if s is not None]
+    else:
+        run = unroll(model, x)
+        terms, state = run.terms, run.state
+        extra = list(state) + [p for att in (run.outs.read, run.outs.write) if att is not None for p in att]
+    loss = -(terms.log_px.sum() - terms.kl().sum()) + sum(_weighted(t) for t in extra)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads, terms
@@ -143,15 +157,22 @@ def test_float32_gradients_equal_the_step_loop_to_1e_5(loops, monkeypatch, kind)
 
 
 def test_iwae_runs_the_fused_pass_and_equals_the_step_loop(monkeypatch):
+    """IWAE (k particles folded into the batch, dropout masks shared by particles): the same bound
+    and gradients."""
     torch.manual_seed(0)
-    model = _jitter(VRNN(x_dim=5, hidden_size=8, z_size=3).double())
+    model = _jitter(VRNN(x_dim=5, hidden_size=8, z_size=3, dropout=0.2).double())
     x = (torch.rand(4, 6, 5, dtype=torch.float64) > 0.5).double()
-    values = []
+    values, grads = [], []
     for on in ("0", "1"):
         monkeypatch.setenv("SEQVAE_FUSED", on)
         torch.manual_seed(4)
-        values.append(seqvae.iwae_bound(model, x, k=3).detach())
+        model.zero_grad()
+        bound = seqvae.iwae_bound(model, x, k=3, lengths=torch.tensor([6, 2, 5, 1]))
+        (-bound.sum()).backward()
+        values.append(bound.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert torch.allclose(values[0], values[1], rtol=1e-12, atol=0)
+    _assert_same_gradients(grads[0], grads[1], 1e-9)
 
 
 def test_the_step_loop_runs_where_the_fused_pass_does_not_apply(monkeypatch):
@@ -164,6 +185,8 @@ def test_the_step_loop_runs_where_the_fused_pass_does_not_apply(monkeypatch):
     assert not _made_by(unroll(model, x.clone().requires_grad_()).outs.z, "_VRNNSequenceBackward")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _made_by(unroll(model, x).outs.z, "_VRNNSequenceBackward")
+    half = VRNN(x_dim=5, hidden_size=8, z_size=3).to(torch.bfloat16)
+    assert not _made_by(unroll(half, x.to(torch.bfloat16)).outs.z, "_VRNNSequenceBackward")
     monkeypatch.setenv("SEQVAE_FUSED", "0")
     assert not _made_by(unroll(model, x).outs.z, "_VRNNSequenceBackward")
 
@@ -280,3 +303,23 @@ def test_the_cpp_filterbank_equals_attention_filterbanks(dtype):
     expected = filters.backward(saved, gy, gx, gg)
     assert torch.allclose(native.filters_backward(*fused._filters_spec(head), got, gy, gx, gg), expected,
                           rtol=1e-9 if dtype == torch.float64 else 1e-4, atol=tol * expected.abs().max().item())
+
+
+def test_a_parameter_changed_between_forward_and_backward_is_refused():
+    """The step loop's autograd would refuse it (a saved tensor modified in place); so does the pass."""
+    for model, x in ((VRNN(x_dim=5, hidden_size=8, z_size=3), (torch.rand(4, 6, 5) > 0.5).float()),
+                     (DRAW(image_shape=(1, 8, 8), steps=3, hidden_size=8, z_size=2), (torch.rand(4, 1, 8, 8) > 0.5).float())):
+        loss = -seqvae.elbo(model, x).sum()
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            loss.backward()
+
+
+def test_double_backward_is_refused_clearly():
+    model = VRNN(x_dim=5, hidden_size=8, z_size=3)
+    x = (torch.rand(4, 6, 5) > 0.5).float()
+    loss = -seqvae.elbo(model, x).sum()
+    (grad,) = torch.autograd.grad(loss, [model.cell.hh.weight], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        grad.sum().backward()

@@ -10,7 +10,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <bit>
+#include <initializer_list>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -47,7 +48,10 @@ inline float exp_<float>(float x) {
   p = std::fma(p, r, 1.6666665459e-1f);
   p = std::fma(p, r, 5.0000001201e-1f);
   p = std::fma(p, r * r, r) + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);  // 2^k
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));  // (C++17: the torch versions seqvae supports build with it)
+  return p * scale;
 }
 
 template <typename T>
@@ -74,9 +78,15 @@ inline T* row(const Tensor& t, int64_t i) {
   return t.data_ptr<T>() + i * t.stride(0);
 }
 
+// the kernels read rows whose units are contiguous
+inline void check_rows(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts) TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1, "seqvae fused kernel: rows of contiguous units expected");
+}
+
 // gi (b, 3d) becomes [sigmoid(r), sigmoid(u), n]; h_out = n + u (h - n); ghn_out = gh's n block (for the backward)
 void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Tensor ghn_out) {
   const int64_t b = h.size(0), d = h.size(1);
+  check_rows({&gi, &gh, &h, &h_out, &ghn_out});
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "gru_forward", [&] {
     rows(b, d, [&](int64_t i) {
       scalar_t *g = row<scalar_t>(gi, i), *out = row<scalar_t>(h_out, i), *kn = row<scalar_t>(ghn_out, i);
@@ -100,8 +110,9 @@ void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Ten
 // returns dh u (through h' = n + u (h - n))
 Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, const Tensor& h, Tensor dgi, Tensor dgh) {
   const int64_t b = h.size(0), d = h.size(1);
-  Tensor dh_direct = at::empty_like(dh);
-  Tensor dhc = dh.contiguous();
+  Tensor dhc = dh.contiguous();  // the incoming gradient may have any layout (row() reads rows of contiguous units)
+  Tensor dh_direct = at::empty_like(dhc);
+  check_rows({&acts, &ghn, &h, &dgi, &dgh});
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
     rows(b, d, [&](int64_t i) {
       const scalar_t *a = row<scalar_t>(acts, i), *kn = row<scalar_t>(ghn, i), *hp = row<scalar_t>(h, i);
@@ -129,6 +140,7 @@ Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, con
 // gates (b, 4d) = (i, f, o, u) become their activations; c' = f c + i u, tanh(c'), h' = o tanh(c')
 void lstm_forward(Tensor gates, const Tensor& c, Tensor h_out, Tensor c_out, Tensor tc_out) {
   const int64_t b = c.size(0), d = c.size(1);
+  check_rows({&gates, &c, &h_out, &c_out, &tc_out});
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
     rows(b, d, [&](int64_t i) {
       scalar_t *g = row<scalar_t>(gates, i), *ho = row<scalar_t>(h_out, i), *co = row<scalar_t>(c_out, i);
@@ -155,8 +167,9 @@ void lstm_forward(Tensor gates, const Tensor& c, Tensor h_out, Tensor c_out, Ten
 // the pre-activations' gradients into dgates (b, 4d); returns the gradient of the old c
 Tensor lstm_backward(const Tensor& dh, const Tensor& dc_in, const Tensor& acts, const Tensor& tc, const Tensor& c, Tensor dgates) {
   const int64_t b = c.size(0), d = c.size(1);
-  Tensor dc_prev = at::empty_like(tc);
   Tensor dhc = dh.contiguous(), dcc = dc_in.contiguous();
+  Tensor dc_prev = at::empty_like(dhc);
+  check_rows({&acts, &tc, &c, &dgates});
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstm_backward", [&] {
     rows(b, d, [&](int64_t i) {
       const scalar_t *a = row<scalar_t>(acts, i), *t = row<scalar_t>(tc, i), *cp = row<scalar_t>(c, i);
