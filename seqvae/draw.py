@@ -19,6 +19,8 @@ On the recurrent contract (recurrent.py) a glimpse is one `step(x, state)`; with
 (`step(None, state)`) the step generates. `score(x, outs, state)` gives the terms: log D(x | c_T)
 from the final state and the per-glimpse q(z_t | x, z_<t) and p(z_t). DRAW is not
 `sequential`: every step sees the whole image, which is scored once (no masks, no FIVO).
+On a CPU, passes that need gradients run the T glimpses as one hand-written kernel
+(`fused_unroll`, fused.py), tested equal to the step loop.
 
 The initial canvas c_0 and initial LSTM states are learned biases (initialised at zero).
 The sigmoid in x^_t is applied to the mean channels of the canvas; for a Gaussian likelihood

@@ -26,6 +26,10 @@ A model states its recurrence once, as a step (in the manner of dm-haiku's `recu
     continues_chunks: bool           whether a sequence may be scored chunk by chunk from a
                                      carried state (truncated BPTT); False for a posterior
                                      that reads the future (a smoothing SRNN)
+    fused_unroll(x, S, mask)         optional speed behind the contract: the whole pass as one
+                                     hand-written kernel (fused.py), returning what the step loop
+                                     would (O stacked over steps, S_T), or None where it does not
+                                     apply (DRAW and the VRNN have one for CPU training)
 
 `RecurrentModel` is a base class with the defaults, `terms()` and `check_input()`.
 

@@ -27,7 +27,8 @@ Each model states its recurrence once, on the recurrent contract (recurrent.py):
 
 Training, IWAE, FIVO (which scores one step at a time and resamples between steps),
 truncated BPTT, sampling and reconstructions all run this one step through
-`recurrent.unroll` / `recurrent.generate`.
+`recurrent.unroll` / `recurrent.generate`. On a CPU, passes that need gradients run the same
+step as one hand-written kernel (`fused_unroll`, fused.py), tested equal to the step loop.
 
 Dimensions: b batch, t time, d hidden units, f features, x data features (x_dim), z latents,
 g gate pre-activations, p output-head parameters.
@@ -291,13 +292,10 @@ class VRNN(SequenceModel):
             return standard_normal_like(h.new_zeros(*h.shape[:-1], self.z_size))
         return diagonal_normal(*self.prior_net(h))
 
-    def _features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """phi_x's share of the posterior's first layer and of the cell's gates, (t, b, f) and (t, b, g)."""
-        fx = self.phi_x(x.transpose(0, 1))  # (t, b, f), all steps at once, time-major so that steps are contiguous
-        return self.posterior_net.project(0, fx, bias=True), self.cell.input_gates(0, fx, bias=True)
-
     def precompute(self, x: Tensor, state: Any = None, mask: Tensor | None = None) -> list[VRNNInput]:
-        posterior_x, cell_x = self._features(x)
+        fx = self.phi_x(x.transpose(0, 1))  # (t, b, f), all steps at once, time-major so that steps are contiguous
+        posterior_x = self.posterior_net.project(0, fx, bias=True)  # (t, b, f)
+        cell_x = self.cell.input_gates(0, fx, bias=True)  # (t, b, g)
         # unbind once: indexing a batched tensor at every step would make autograd allocate a
         # sequence-sized zero gradient per step (quadratic in t); unbind's backward is one stack
         return [VRNNInput(*parts) for parts in zip(posterior_x.unbind(0), cell_x.unbind(0))]
