@@ -29,6 +29,7 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 import stat
 import tempfile
 import urllib.error
@@ -349,9 +350,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def _check_memo(content: bytes, where: str) -> None:
+    """Refuse memo indices that no honest pickle uses, before unpickling: the unpickler grows its
+    memo table to whatever index a PUT names, so one changed byte in a 108-byte pickle (a
+    LONG_BINPUT of index ~2^31) asked for tens of gigabytes. A pickle numbers the objects it
+    memoises from 0 and memoises at most one per opcode, so an index never reaches its length.
+    The opcodes are only parsed (pickletools), not run."""
+    for op, arg, _ in pickletools.genops(content):
+        if op.name in _MEMO_OPS and int(arg) >= len(content):
+            raise pickle.UnpicklingError(f"refusing a memo index of {arg} in a pickle of {len(content)} bytes")
+
+
 def read_jsb_pickle(content: bytes, where: str = "JSB pickle") -> dict[str, list[list[tuple[int, ...]]]]:
     """Safely unpickle the JSB chorales: {'train','valid','test'} -> pieces -> steps -> notes."""
     try:
+        _check_memo(content, where)
         data = _RestrictedUnpickler(io.BytesIO(content), encoding="latin1").load()
     except pickle.UnpicklingError as err:
         if str(err).startswith("refusing"):

@@ -206,3 +206,14 @@ def test_batches_resume_and_shard():
     # two ranks with half the batch each see exactly what one process sees
     halves = [[b.x.flatten().tolist() for _, b in D.batches(d, 4, seed=3, epoch=2, rank=r, world_size=2)] for r in (0, 1)]
     assert [a + b for a, b in zip(*halves)] == [v for _, v in full]
+
+
+def test_jsb_reader_refuses_a_memo_index_that_would_allocate_gigabytes():
+    """One changed byte (BINPUT -> LONG_BINPUT) turns the next four bytes into a memo index near
+    2^31: the unpickler would grow its memo table to it (tens of gigabytes; a property test once
+    got a test process killed for memory). Refused before unpickling, from the opcodes alone."""
+    good = pickle.dumps({s: [[(60, 64)], [(21,), ()]] for s in D.SPLITS}, protocol=2)
+    at = good.index(b"q")  # the first BINPUT
+    bad = good[:at] + b"r" + good[at + 1 :]
+    with pytest.raises(D.DataError, match="memo index"):
+        DF.read_jsb_pickle(bad)
