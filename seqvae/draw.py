@@ -215,7 +215,11 @@ class DRAW(RecurrentModel):
         """All T glimpses as one Function with a hand-written backward (fused.py), when it applies."""
         if not fused.enabled(x, *self.parameters()):
             return None
-        return fused.draw_unroll(self, x, state)
+        canvas, he, ce, hd, cd, q, z, raw_read, raw_write = fused.draw_unroll(self, x, state)
+        loc, log_scale = q.transpose(0, 1).chunk(2, dim=-1)  # (b, t, z) views, as the step loop's stacking
+        read = self.read_head.filters.params(raw_read.transpose(0, 1)) if self.config.read == "filterbank" else None
+        write = self.write_head.filters.params(raw_write.transpose(0, 1)) if self.config.write == "filterbank" else None
+        return DrawStep(z.transpose(0, 1), loc, log_scale.exp(), read, write), DrawState(canvas, he, ce, hd, cd)
 
     def score(self, x: Tensor, outs: DrawStep, state: DrawState) -> Terms:
         """log D(x | c_T) (b, 1) from the final canvas, and q(z_t | ..) and p(z_t) = N(0, I) per glimpse."""

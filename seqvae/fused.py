@@ -60,7 +60,6 @@ import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,18 +98,14 @@ class _Product:
         self.kernel = gemm.choose(probe, self.weight, self.bias)
 
     def __call__(self, x: Tensor, extra: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-        if self.kernel == "aten" or (extra is not None):
-            if extra is not None:
-                bias = extra if self.bias is None else extra + self.bias
-                return torch.addmm(bias, x, self.weight.t(), out=out) if out is not None else torch.addmm(bias, x, self.weight.t())
-            if self.bias is None:
-                return torch.mm(x, self.weight.t(), out=out) if out is not None else torch.mm(x, self.weight.t())
-            return torch.addmm(self.bias, x, self.weight.t(), out=out) if out is not None else torch.addmm(self.bias, x, self.weight.t())
-        y = gemm._run(self.kernel, x, self.weight, self.bias)
-        if out is not None:
-            out.copy_(y)
-            return out
-        return y
+        """x W^T + b (+ extra), into out if given."""
+        if self.kernel != "aten" and extra is None:
+            y = gemm._run(self.kernel, x, self.weight, self.bias)
+            return y if out is None else out.copy_(y)
+        bias = self.bias if extra is None else (extra if self.bias is None else extra + self.bias)
+        if bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(bias, x, self.weight.t(), out=out)
 
 
 # ------------------------------------------------------------------------------------ workspaces
@@ -188,6 +183,7 @@ def _guard(ctx, model) -> None:
 
 
 def _check_lease(ctx) -> None:
+    """Before a backward: the parameters are as the forward saw them, and its workspace still holds its values."""
     for p, version in ctx.versions:
         if p._version != version:
             raise RuntimeError(
@@ -478,23 +474,18 @@ def _paste_backward(fy: Tensor, u: Tensor, dupdate: Tensor, channels: int) -> tu
     return dfy, du
 
 
-def draw_unroll(model, x: Tensor, state) -> tuple[Any, Any]:
-    """DRAW's pass over x from `state` as one Function: (outs stacked (b, t, ...), final state)."""
-    from .draw import DrawState, DrawStep  # the model's own types (draw.py imports this module)
-
+def draw_unroll(model, x: Tensor, state) -> tuple[Tensor, ...]:
+    """DRAW's pass over x from `state` as one Function: the final canvas, h^enc, c^enc, h^dec,
+    c^dec, then [loc, log scale] (t, b, 2z), z (t, b, z) and the read's and write's raw attention
+    outputs (t, b, 5) (empty for a head without a filterbank)."""
     read, write = model.read_head, model.write_head
     wr, br = (read.to_params.weight, read.to_params.bias) if hasattr(read, "to_params") else (None, None)
     wlin = write.proj if hasattr(write, "proj") else write.to_canvas
-    canvas, he, ce, hd, cd, q, z, raw_read, raw_write = _DrawSequence.apply(
+    return _DrawSequence.apply(
         model, x, *state, model.encoder.linear.weight, model.encoder.linear.bias,
         model.posterior_net.weight, model.posterior_net.bias, model.decoder.linear.weight,
         model.decoder.linear.bias, wr, br, wlin.weight, wlin.bias,
     )
-    loc, log_scale = q.transpose(0, 1).chunk(2, dim=-1)  # (b, t, z) views, as the step loop's stacking
-    read_att = read.filters.params(raw_read.transpose(0, 1)) if wr is not None else None
-    write_att = write.filters.params(raw_write.transpose(0, 1)) if hasattr(write, "filters") else None
-    outs = DrawStep(z.transpose(0, 1), loc, log_scale.exp(), read_att, write_att)
-    return outs, DrawState(canvas, he, ce, hd, cd)
 
 
 # ------------------------------------------------------------------------------------------ VRNN

@@ -481,6 +481,20 @@ Tensor filters_backward(const Filters& fb, const std::vector<Tensor>& s, size_t 
   return draw;
 }
 
+// DRAW's sizes as fused.py passes them (steps, b, d, z, c, h, w, R, P, read N, write N, patch)
+// and its heads' filterbanks (none for a head without one)
+struct DrawSizes {
+  int64_t steps, b, d, nz, c, hh, wi, nr, nw, read_n, write_n, patch;
+  std::optional<Filters> read_f, write_f;
+  DrawSizes(const std::vector<int64_t>& v, const std::vector<Tensor>& read_t, const std::vector<double>& read_v,
+            const std::vector<Tensor>& write_t, const std::vector<double>& write_v)
+      : steps(v[0]), b(v[1]), d(v[2]), nz(v[3]), c(v[4]), hh(v[5]), wi(v[6]), nr(v[7]), nw(v[8]), read_n(v[9]),
+        write_n(v[10]), patch(v[11]) {
+    if (read_n > 0) read_f.emplace(read_t, read_v);
+    if (write_n > 0) write_f.emplace(write_t, write_v);
+  }
+};
+
 Tensor paste(const Tensor& fy, const Tensor& u, int64_t channels) {
   const int64_t b = fy.size(0), n = fy.size(1);
   if (channels == 1) return at::bmm(fy.transpose(1, 2), u).unsqueeze(1);
@@ -497,12 +511,9 @@ std::vector<std::vector<Tensor>> draw_forward(
     const Tensor& w_a, const Tensor& b_a, const Tensor& w_write, const Tensor& b_write, const Tensor& w_enc,
     const Tensor& w_q, const Tensor& b_q, const Tensor& w_dz, std::vector<int64_t> dims,
     std::vector<Tensor> read_t, std::vector<double> read_v, std::vector<Tensor> write_t, std::vector<double> write_v) {
-  const int64_t steps = dims[0], b = dims[1], d = dims[2], nz = dims[3], c = dims[4], hh = dims[5], wi = dims[6];
-  const int64_t nr = dims[7], nw = dims[8], read_n = dims[9], write_n = dims[10], patch = dims[11];
+  const DrawSizes sizes(dims, read_t, read_v, write_t, write_v);
+  const auto& [steps, b, d, nz, c, hh, wi, nr, nw, read_n, write_n, patch, read_f, write_f] = sizes;
   const bool read_fb = read_n > 0, write_fb = write_n > 0;
-  std::optional<Filters> read_f, write_f;
-  if (read_fb) read_f.emplace(read_t, read_v);
-  if (write_fb) write_f.emplace(write_t, write_v);
   std::vector<std::vector<Tensor>> saved(1 + 2 * steps);
   Tensor xhat_views;
   if (read_fb) {
@@ -581,12 +592,9 @@ std::vector<Tensor> draw_backward(
     Tensor da_seq, Tensor dq_seq, const Tensor& w_a, const Tensor& w_enc, const Tensor& w_q, const Tensor& w_dz,
     std::vector<int64_t> dims, std::vector<Tensor> read_t, std::vector<double> read_v, std::vector<Tensor> write_t,
     std::vector<double> write_v) {
-  const int64_t steps = dims[0], b = dims[1], d = dims[2], nz = dims[3], c = dims[4], hh = dims[5], wi = dims[6];
-  const int64_t nr = dims[7], nw = dims[8], read_n = dims[9], write_n = dims[10], patch = dims[11];
+  const DrawSizes sizes(dims, read_t, read_v, write_t, write_v);
+  const auto& [steps, b, d, nz, c, hh, wi, nr, nw, read_n, write_n, patch, read_f, write_f] = sizes;
   const bool read_fb = read_n > 0, write_fb = write_n > 0;
-  std::optional<Filters> read_f, write_f;
-  if (read_fb) read_f.emplace(read_t, read_v);
-  if (write_fb) write_f.emplace(write_t, write_v);
   for (int64_t t = steps - 1; t >= 0; --t) {
     Tensor da = da_seq[t + 1];
     if (write_fb) {  // the write of step t (from h^dec_{t+1})
