@@ -88,26 +88,6 @@ def enabled(x: Tensor, *params: Tensor) -> bool:
     )
 
 
-class _Product:
-    """y = x W^T (+ b) for a fixed weight, with the kernel gemm.py measured fastest for the shape."""
-
-    def __init__(self, rows: int, weight: Tensor, bias: Tensor | None = None):
-        self.weight = weight.contiguous()
-        self.bias = None if bias is None else bias.contiguous()
-        probe = torch.empty(rows, self.weight.shape[1], dtype=weight.dtype)
-        self.kernel = gemm.choose(probe, self.weight, self.bias)
-
-    def __call__(self, x: Tensor, extra: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-        """x W^T + b (+ extra), into out if given."""
-        if self.kernel != "aten" and extra is None:
-            y = gemm._run(self.kernel, x, self.weight, self.bias)
-            return y if out is None else out.copy_(y)
-        bias = self.bias if extra is None else (extra if self.bias is None else extra + self.bias)
-        if bias is None:
-            return torch.mm(x, self.weight.t(), out=out)
-        return torch.addmm(bias, x, self.weight.t(), out=out)
-
-
 # ------------------------------------------------------------------------------------ workspaces
 class _Workspace(dict):
     """The named buffers of one pass (allocated once, reused by later passes of the same shapes:
@@ -277,11 +257,11 @@ def _draw_forward(x, canvas0, a_seq, enc_in, ce, hd, cd, g_enc, g_dec, tc_enc, t
 
 
 def _draw_backward(dcanvas, dhe, dce, dhd_final, dcd, dq_out, dz_out, draw_read, draw_write, saved, ce, cd, g_enc,
-                   g_dec, tc_enc, tc_dec, eps, m_seq, v_seq, q_seq, da_seq, dq_seq, w_a, w_enc, w_q, w_dz, dims,
-                   read, write):
+                   g_dec, tc_enc, tc_dec, eps, m_seq, v_seq, q_seq, da_seq, dq_seq, by, dims, read, write):
     """DRAW's backward loop (csrc/fused.cpp `draw_backward`, in Python): fills da_seq and dq_seq;
     returns the gradients of the initial canvas, h^enc, c^enc, h^dec, c^dec."""
     steps, b, d, nz, c, hh, wi, nr, nw = dims[:9]
+    by_a, by_enc, by_q, by_dz = by  # x W for each weight W (gemm.Repeated of W^T)
     saved_read, saved_write = saved
     read_rows = slice(nw + 8 * d, nw + 8 * d + 5)
     for t in reversed(range(steps)):
@@ -299,12 +279,12 @@ def _draw_backward(dcanvas, dhe, dce, dhd_final, dcd, dq_out, dz_out, draw_read,
             da[:, write.patch_size : write.patch_size + 5] = draw
         else:
             da[:, :nw] = dcanvas.view(b, -1)
-        dhd = da @ w_a  # h^dec_{t+1}'s gradient from everything that read it
+        dhd = by_a(da)  # h^dec_{t+1}'s gradient from everything that read it
         if t + 1 == steps and dhd_final is not None:
             dhd = dhd + dhd_final
         dgates = da_seq[t, :, nw + 4 * d : nw + 8 * d]  # the decoder
         dcd = lstm_backward(dhd, dcd, g_dec[t], tc_dec[t], cd[t], dgates)
-        dz = dgates @ w_dz if dz_out is None else torch.addmm(dz_out[t], dgates, w_dz)
+        dz = by_dz(dgates, extra=None if dz_out is None else dz_out[t])
         dq = dq_seq[t]  # the posterior: z = loc + exp(log_scale) eps
         if dq_out is None:
             dq[:, :nz] = dz
@@ -312,10 +292,10 @@ def _draw_backward(dcanvas, dhe, dce, dhd_final, dcd, dq_out, dz_out, draw_read,
         else:
             torch.add(dq_out[t, :, :nz], dz, out=dq[:, :nz])
             torch.addcmul(dq_out[t, :, nz:], dz * eps[t], q_seq[t, :, nz:].exp(), out=dq[:, nz:])
-        dhe = torch.addmm(dhe, dq, w_q)
+        dhe = by_q(dq, extra=dhe)
         dgates = da_seq[t, :, nw : nw + 4 * d]  # the encoder
         dce = lstm_backward(dhe, dce, g_enc[t], tc_enc[t], ce[t], dgates)
-        dinp = dgates @ w_enc  # (b, R + d): [r, h^enc_t-1]
+        dinp = by_enc(dgates)  # (b, R + d): [r, h^enc_t-1]
         dhe, dr = dinp[:, nr:], dinp[:, :nr]
         mean = m_seq[t]
         if saved_read[t] is not None:
@@ -334,7 +314,31 @@ def _draw_backward(dcanvas, dhe, dce, dhd_final, dcd, dq_out, dz_out, draw_read,
         else:
             dxhat = dr[:, c * hh * wi :].view(b, c, hh, wi)
         dcanvas[:, :c].addcmul_(dxhat, mean * mean - mean)  # x^ = x - sigmoid(canvas)
-    return [dcanvas, dhe, dce, da_seq[0] @ w_a, dcd]
+    return [dcanvas, dhe, dce, by_a(da_seq[0]), dcd]
+
+
+BLOCK_MIN = 16  # rows: a batch is split into blocks of at least this many rows, one per thread
+
+
+def _blocks(rows: int) -> int:
+    """How many blocks of rows the C++ loops run in parallel: one per thread (SEQVAE_BLOCKS=1: one,
+    with ATen's and oneDNN's own threads in each operation)."""
+    forced = os.environ.get("SEQVAE_BLOCKS", "")
+    if forced.isdigit() and int(forced) > 0:
+        return int(forced)
+    return max(1, min(torch.get_num_threads(), rows // BLOCK_MIN))
+
+
+def _repeated(rows: int, blocks: int, weight: Tensor, bias: Tensor | None = None) -> gemm.Repeated:
+    """A loop's product by `weight`, for blocks of rows each on one thread (or all rows on all threads)."""
+    if blocks > 1:
+        return gemm.Repeated(-(-rows // blocks), weight, bias, threads=1)
+    return gemm.Repeated(rows, weight, bias)
+
+
+def _flat(prods: list) -> list:
+    """Products as csrc/fused.cpp takes them: [weight, bias, packed weight] for each."""
+    return [t for p in prods for t in p.native()]
 
 
 def _filters_spec(head) -> tuple[list[Tensor], list[float]]:
@@ -393,13 +397,13 @@ class _DrawSequence(Function):
         bufs = (w["a"], w["enc_in"], w["ce"], w["hd"], w["cd"], w["g_enc"], w["g_dec"], w["tc_enc"], w["tc_dec"],
                 w["eps"], w["mean"], w["v"], q_seq, z_seq)
         native = _native()
+        blocks = _blocks(b) if native is not None else 1  # C++: the batch in blocks of rows, one thread each
+        prods = [_repeated(b, blocks, w, bias) for w, bias in weights]  # by the kernels gemm.py measured fastest
         if native is not None:
-            (w_a, b_a), (w_w, b_w), (w_e, _), (w_q, b_q), (w_z, _) = weights
-            saved = native.draw_forward(x, canvas0, *bufs, w_a, b_a, w_w, b_w, w_e, w_q, b_q, w_z, dims,
-                                        *_filters_spec(read), *_filters_spec(write))
-            canvas = saved[0][0]
-        else:  # the products by the kernels gemm.py measured fastest
-            canvas, saved = _draw_forward(x, canvas0, *bufs, [_Product(b, w, bias) for w, bias in weights], dims, read, write)
+            canvas, saved = native.draw_forward(x, canvas0, *bufs, _flat(prods), dims, *_filters_spec(read),
+                                                *_filters_spec(write), blocks)
+        else:
+            canvas, saved = _draw_forward(x, canvas0, *bufs, prods, dims, read, write)
         _guard(ctx, model)
         ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
         ctx.dims, ctx.weights, ctx.saved = dims, [w for w, _ in weights], saved
@@ -431,13 +435,16 @@ class _DrawSequence(Function):
         da_seq[steps, :, nw:] = 0
         if dims[9] == 0:
             da_seq[:, :, nw + 8 * d :] = 0
+        blocks = ctx.saved.blocks_count() if ctx.native is not None else 1
+        by = [_repeated(b, blocks, w.t()) for w in (w_a, w_enc, w_q, w_dz)]  # products by each weight
         args = (dcanvas, zeros if dhe is None else dhe, zeros if dce is None else dce, dhd, zeros if dcd is None else dcd,
                 dq_out, dz_out, draw_read, draw_write, ctx.saved, w["ce"], w["cd"], w["g_enc"], w["g_dec"], w["tc_enc"],
-                w["tc_dec"], w["eps"], w["mean"], w["v"], q_seq, da_seq, dq_seq, w_a, w_enc, w_q, w_dz, dims)
+                w["tc_dec"], w["eps"], w["mean"], w["v"], q_seq, da_seq, dq_seq)
         if ctx.native is not None:
-            dcanvas, dhe, dce, dhd0, dcd = ctx.native.draw_backward(*args, *_filters_spec(read), *_filters_spec(write))
+            dcanvas, dhe, dce, dhd0, dcd = ctx.native.draw_backward(*args, _flat(by), dims, *_filters_spec(read),
+                                                                    *_filters_spec(write))
         else:
-            dcanvas, dhe, dce, dhd0, dcd = _draw_backward(*args, read, write)
+            dcanvas, dhe, dce, dhd0, dcd = _draw_backward(*args, by, dims, read, write)
         # every weight's gradient: one product over all steps
         da_flat = da_seq.view(-1, n_a)
         dw_a = da_flat.t() @ hd_seq.view(-1, d)
@@ -743,7 +750,7 @@ def _cpu_id() -> str:
     return "\n".join(sorted(lines)) + f"\n{platform.machine()} {platform.processor()}"
 
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]  # OpenMP: ATen's parallel_for is inline
 
 
 def _native():
@@ -767,7 +774,8 @@ def _native():
             if not built.exists():
                 print(f"seqvae: building the C++ time loops for this machine (once, about 40 s): {built.parent}",
                       file=sys.stderr, flush=True)
-            _NATIVE.append(cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CFLAGS, verbose=False))
+            _NATIVE.append(cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CFLAGS,
+                                           extra_ldflags=["-fopenmp"], verbose=False))
         except Exception as error:  # no compiler, no ninja, a failed build: the Python loops run instead
             warnings.warn(f"seqvae: the C++ time loops could not be built, running them in Python ({error})", stacklevel=2)
             _NATIVE.append(None)

@@ -24,6 +24,15 @@ MEASURE_MIN, off the CPU, for other dtypes or under autocast, ATen's kernel is u
 nothing is measured.
 `SEQVAE_GEMM=aten` (or onednn, rows) forces one kernel wherever it applies.
 `linear(x, weight, bias)` is the autograd-aware form, for inputs with leading dimensions.
+
+`Repeated(rows, weight, bias)`: a product applied with one weight to many inputs of `rows` rows
+(a recurrent loop's per-step products, fused.py). Besides ATen's kernel there is "packed":
+oneDNN with the weight reordered once (`torch.ops.mkldnn._reorder_linear_weight`) into the
+layout its kernel reads, which on the development VM ran DRAW's per-step products 1.3-1.7x
+faster than MKL (64 x 256 x 2083: 465 vs 684 us; 64 x 1024 x 306 with a transposed weight:
+283 vs 466 us) and small ones slower (64 x 256 x 200: 95 vs 77 us). Which one runs is
+measured per shape as above (from STEP_MIN multiply-adds; below, ATen's) and stored in the
+same file; SEQVAE_GEMM=aten or packed forces one (for any size).
 """
 
 from __future__ import annotations
@@ -39,10 +48,14 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["affine", "linear", "choose", "KERNELS", "MEASURE_MIN", "cache_path", "cpu_name"]
+__all__ = ["affine", "linear", "choose", "Repeated", "KERNELS", "STEP_KERNELS", "MEASURE_MIN", "STEP_MIN",
+           "cache_path", "cpu_name"]
 
 KERNELS = ("aten", "onednn", "rows")
+STEP_KERNELS = ("aten", "packed")  # for Repeated
 MEASURE_MIN = 1 << 24  # multiply-adds (m k n): smaller products always use ATen's kernel
+STEP_MIN = 1 << 20  # the same for Repeated (whose measurement is paid once for many calls)
+STEP_REPEATS = 7
 ROWS = 4096
 REPEATS = 3
 SLOW = 20  # a kernel whose first call takes SLOW x ATen's is dropped without more timing
@@ -98,7 +111,7 @@ def _load() -> dict[str, str]:
         try:
             stored = json.loads(cache_path().read_text())
             if isinstance(stored, dict) and stored.get("machine") == _machine():
-                _choices = {k: v for k, v in stored.get("choices", {}).items() if v in KERNELS}
+                _choices = {k: v for k, v in stored.get("choices", {}).items() if v in KERNELS + STEP_KERNELS}
         except (OSError, ValueError):
             pass
     return _choices
@@ -165,6 +178,87 @@ def choose(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> str:
         choices[key] = _measure(x, weight, bias)
         _save({key: choices[key]})
     return choices[key]
+
+
+def _packed_ok() -> bool:
+    return _onednn_ok() and getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) is not None
+
+
+def _measure_step(x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+    """The faster of ATen's product and oneDNN's with the weight packed (packing not timed)."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), x.shape[0])
+        _packed_run(x, packed, bias)
+    except RuntimeError:
+        return "aten"
+    runs = {"aten": lambda: _run("aten", x, weight, bias), "packed": lambda: _packed_run(x, packed, bias)}
+    best = {k: float("inf") for k in runs}
+    with torch.no_grad():
+        for _ in range(STEP_REPEATS):
+            for k, f in runs.items():
+                start = time.perf_counter()
+                f()
+                best[k] = min(best[k], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
+def _packed_run(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def choose_step(rows: int, weight: Tensor, bias: Tensor | None = None, threads: int | None = None) -> str:
+    """The kernel ("aten" or "packed") for many products x (rows, k) @ weight (n, k)^T (+ bias),
+    each on `threads` threads (default: torch's number; fused.py's blocks of rows run theirs on one)."""
+    forced = os.environ.get("SEQVAE_GEMM", "")
+    n, k = weight.shape
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or not _packed_ok():
+        return "aten"
+    if forced in STEP_KERNELS:  # whatever the size
+        return forced
+    if rows * k * n < STEP_MIN:
+        return "aten"
+    threads = threads or torch.get_num_threads()
+    layout = "c" if weight.is_contiguous() else "t" if weight.t().is_contiguous() else "s"
+    key = f"step|{rows}x{k}x{n}|{'b' if bias is not None else '-'}|{layout}|{threads}"
+    choices = _load()
+    if key not in choices:
+        probe = torch.randn(rows, k, generator=torch.Generator().manual_seed(0))
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            choices[key] = _measure_step(probe, weight, bias)
+        finally:
+            torch.set_num_threads(before)
+        _save({key: choices[key]})
+    return choices[key]
+
+
+class Repeated:
+    """y = x W^T (+ b) for one weight (n, k) and many x of `rows` rows on `threads` threads, with
+    the kernel `choose_step` measured fastest; `packed` is the reordered weight, or None for ATen's."""
+
+    def __init__(self, rows: int, weight: Tensor, bias: Tensor | None = None, threads: int | None = None):
+        self.weight, self.bias = weight, bias
+        self.kernel = choose_step(rows, weight, bias, threads)
+        self.packed = None
+        if self.kernel == "packed":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+
+    def __call__(self, x: Tensor, extra: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        """x W^T + b (+ extra), into out if given."""
+        if self.packed is not None:
+            y = _packed_run(x, self.packed, self.bias)
+            if extra is not None:
+                return torch.add(y, extra, out=out)
+            return y if out is None else out.copy_(y)
+        bias = self.bias if extra is None else (extra if self.bias is None else extra + self.bias)
+        if bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(bias, x, self.weight.t(), out=out)
+
+    def native(self) -> list:
+        """[weight, bias, packed] as csrc/fused.cpp takes a product (None where absent)."""
+        return [self.weight, self.bias, self.packed]
 
 
 def affine(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -10,18 +10,21 @@ import pytest
 import torch
 
 import seqvae
-from seqvae import fused
+from seqvae import fused, gemm
 from seqvae.attention import Filterbanks
 from seqvae.draw import DRAW
 from seqvae.recurrent import unroll
 from seqvae.vrnn import VRNN
 
-LOOPS = ["native", "python"]
+LOOPS = ["native", "native-blocks", "python"]
 
 
 @pytest.fixture(params=LOOPS)
 def loops(request, monkeypatch):
-    """Run the fused loops in C++ (skipped, saying why, where it cannot be built) or in Python."""
+    """Run the fused loops in C++ (skipped, saying why, where it cannot be built), in C++ with the
+    batch in 3 blocks of rows of unequal sizes on the threads (where the model splits its batch),
+    or in Python."""
+    monkeypatch.setenv("SEQVAE_BLOCKS", "3" if request.param == "native-blocks" else "1")
     if request.param == "python":
         monkeypatch.setenv("SEQVAE_NATIVE", "0")
     else:
@@ -136,9 +139,15 @@ def test_vrnn_pass_equals_the_step_loop(loops, monkeypatch, cell, posterior_laye
 
 
 @pytest.mark.parametrize("kind", ["draw", "vrnn"])
-def test_float32_gradients_equal_the_step_loop_to_1e_5(loops, monkeypatch, kind):
+@pytest.mark.parametrize("kernel", ["measured", "aten", "packed"])
+def test_float32_gradients_equal_the_step_loop_to_1e_5(loops, monkeypatch, kind, kernel):
     """The benchmark's models in float32 (smaller): every gradient within 1e-5 of the step loop's,
-    relative to its largest entry, through the public API (seqvae.elbo) with nothing switched on."""
+    relative to its largest entry, through the public API (seqvae.elbo) with nothing switched on;
+    the loops' products by the kernel gemm.py measures, or forced to ATen's or to oneDNN's packed."""
+    if kernel == "packed" and not gemm._packed_ok():
+        pytest.skip("this PyTorch has no oneDNN (mkldnn) linear with packed weights")
+    if kernel != "measured":
+        monkeypatch.setenv("SEQVAE_GEMM", kernel)
     torch.manual_seed(1)
     if kind == "draw":
         model = DRAW(image_shape=(1, 28, 28), steps=8, hidden_size=64, z_size=10, read_size=5, write_size=5)

@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <initializer_list>
@@ -196,6 +198,56 @@ inline void affine_into(Tensor out, const Tensor& x, const Tensor& w, const c10:
   } else {
     at::mm_out(out, x, w.t());
   }
+}
+
+// A product with one weight over a loop's steps (gemm.py `Repeated`): y = x w^T (+ bias), by
+// ATen, or by oneDNN with the weight reordered once (`packed`) where gemm.py measured that faster.
+struct Prod {
+  Tensor w;
+  c10::optional<Tensor> bias, packed;
+};
+
+// fused.py passes each product as [weight, bias or None, packed weight or None]
+inline std::vector<Prod> prods_from(const std::vector<c10::optional<Tensor>>& flat) {
+  TORCH_CHECK(flat.size() % 3 == 0 && flat.size() > 0, "seqvae fused kernel: products as [weight, bias, packed] triples expected");
+  std::vector<Prod> out;
+  for (size_t i = 0; i < flat.size(); i += 3) out.push_back({*flat[i], flat[i + 1], flat[i + 2]});
+  return out;
+}
+
+inline Tensor onednn_linear(const Tensor& x, const Tensor& packed, const c10::optional<Tensor>& bias) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, packed, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                                 std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// out = x w^T + bias (+ extra)
+inline void prod_into(Tensor out, const Tensor& x, const Prod& p, const c10::optional<Tensor>& extra = c10::nullopt) {
+  if (p.packed.has_value()) {
+    Tensor y = onednn_linear(x, *p.packed, p.bias);
+    if (extra.has_value()) {
+      at::add_out(out, y, *extra);
+    } else {
+      out.copy_(y);
+    }
+    return;
+  }
+  c10::optional<Tensor> add = p.bias;
+  if (extra.has_value()) add = p.bias.has_value() ? *extra + *p.bias : *extra;
+  affine_into(out, x, p.w, add);
+}
+
+// x w^T + bias (+ extra), a new tensor
+inline Tensor prod(const Tensor& x, const Prod& p, const c10::optional<Tensor>& extra = c10::nullopt) {
+  if (p.packed.has_value()) {
+    Tensor y = onednn_linear(x, *p.packed, p.bias);
+    return extra.has_value() ? y.add_(*extra) : y;
+  }
+  c10::optional<Tensor> add = p.bias;
+  if (extra.has_value()) add = p.bias.has_value() ? *extra + *p.bias : *extra;
+  return add.has_value() ? at::addmm(*add, x, p.w.t()) : at::mm(x, p.w.t());
 }
 
 inline Tensor relu_backward(const Tensor& grad, const Tensor& out, Tensor into) {
@@ -501,19 +553,16 @@ Tensor paste(const Tensor& fy, const Tensor& u, int64_t channels) {
   return at::matmul(fy.transpose(1, 2).unsqueeze(1), u.view({b, channels, n, -1}));
 }
 
-}  // namespace
-
-// DRAW's forward over all glimpses (fused.py _draw_forward). Returns {canvas_T} and, per step,
-// the read's saved tensors (11 of the filters, then u, r0) and the write's (11, then pm, u).
-std::vector<std::vector<Tensor>> draw_forward(
-    const Tensor& x, const Tensor& canvas0, Tensor a_seq, Tensor enc_in, Tensor ce, Tensor hd, Tensor cd, Tensor g_enc,
-    Tensor g_dec, Tensor tc_enc, Tensor tc_dec, Tensor eps, Tensor m_seq, Tensor v_seq, Tensor q_seq, Tensor z_seq,
-    const Tensor& w_a, const Tensor& b_a, const Tensor& w_write, const Tensor& b_write, const Tensor& w_enc,
-    const Tensor& w_q, const Tensor& b_q, const Tensor& w_dz, std::vector<int64_t> dims,
-    std::vector<Tensor> read_t, std::vector<double> read_v, std::vector<Tensor> write_t, std::vector<double> write_v) {
-  const DrawSizes sizes(dims, read_t, read_v, write_t, write_v);
+// DRAW's forward over all glimpses for one block of rows (fused.py _draw_forward; eps drawn
+// beforehand). Returns {canvas_T} and, per step, the read's saved tensors (11 of the filters,
+// then u, r0) and the write's (11, then pm, u).
+std::vector<std::vector<Tensor>> draw_forward_rows(
+    const DrawSizes& sizes, const std::vector<Prod>& ps, const Tensor& x, const Tensor& canvas0, Tensor a_seq,
+    Tensor enc_in, Tensor ce, Tensor hd, Tensor cd, Tensor g_enc, Tensor g_dec, Tensor tc_enc, Tensor tc_dec,
+    Tensor eps, Tensor m_seq, Tensor v_seq, Tensor q_seq, Tensor z_seq) {
   const auto& [steps, b, d, nz, c, hh, wi, nr, nw, read_n, write_n, patch, read_f, write_f] = sizes;
   const bool read_fb = read_n > 0, write_fb = write_n > 0;
+  const Prod &prod_a = ps.at(0), &prod_write = ps.at(1), &prod_enc = ps.at(2), &prod_q = ps.at(3), &prod_dz = ps.at(4);
   std::vector<std::vector<Tensor>> saved(1 + 2 * steps);
   Tensor xhat_views;
   if (read_fb) {
@@ -521,7 +570,7 @@ std::vector<std::vector<Tensor>> draw_forward(
     xhat_views = v_seq.narrow(3, c, c).transpose(2, 3);  // (t, b, c, h, w)
   }
   Tensor a0 = a_seq[0];
-  at::addmm_out(a0, b_a, hd[0], w_a.t());
+  prod_into(a0, hd[0], prod_a);
   Tensor canvas = canvas0;
   for (int64_t t = 0; t < steps; ++t) {
     Tensor a = a_seq[t];
@@ -543,25 +592,23 @@ std::vector<std::vector<Tensor>> draw_forward(
       at::sub_out(lv(in_t.narrow(1, c * hh * wi, c * hh * wi)), x.flatten(1), mean.flatten(1));
     }
     Tensor gates = g_enc[t];
-    at::addmm_out(gates, a.narrow(1, nw, 4 * d), in_t, w_enc.t());
+    prod_into(gates, in_t, prod_enc, a.narrow(1, nw, 4 * d));
     Tensor he = enc_in[t + 1].narrow(1, nr, d);
     lstm_forward(gates, ce[t], he, ce[t + 1], tc_enc[t]);
     Tensor q = q_seq[t];
-    at::addmm_out(q, b_q, he, w_q.t());
-    Tensor e = eps[t];
-    e.normal_();
+    prod_into(q, he, prod_q);
     Tensor z = z_seq[t];
-    at::addcmul_out(z, q.narrow(1, 0, nz), q.narrow(1, nz, nz).exp(), e);
+    at::addcmul_out(z, q.narrow(1, 0, nz), q.narrow(1, nz, nz).exp(), eps[t]);
     Tensor gd = g_dec[t];
-    at::addmm_out(gd, a.narrow(1, nw + 4 * d, 4 * d), z, w_dz.t());
+    prod_into(gd, z, prod_dz, a.narrow(1, nw + 4 * d, 4 * d));
     lstm_forward(gd, cd[t], hd[t + 1], cd[t + 1], tc_dec[t]);
     Tensor an;
     if (t + 1 < steps) {
       an = a_seq[t + 1];
-      at::addmm_out(an, b_a, hd[t + 1], w_a.t());
+      prod_into(an, hd[t + 1], prod_a);
     } else {
       an = a_seq[t + 1].narrow(1, 0, nw);
-      at::addmm_out(an, b_write, hd[t + 1], w_write.t());
+      prod_into(an, hd[t + 1], prod_write);
     }
     Tensor update;
     if (write_fb) {
@@ -582,19 +629,18 @@ std::vector<std::vector<Tensor>> draw_forward(
   return saved;
 }
 
-// DRAW's backward over all glimpses (fused.py _draw_backward): fills da_seq (the gradients of
-// A_t and of the gates) and dq_seq; returns {dcanvas_0, dh^enc_0, dc^enc_0, dh^dec_0, dc^dec_0}.
-std::vector<Tensor> draw_backward(
+// DRAW's backward over all glimpses for one block of rows (fused.py _draw_backward): fills
+// da_seq (the gradients of A_t and of the gates) and dq_seq; returns {dcanvas_0, dh^enc_0,
+// dc^enc_0, dh^dec_0, dc^dec_0}.
+std::vector<Tensor> draw_backward_rows(
+    const DrawSizes& sizes, const std::vector<Prod>& ps, const std::vector<std::vector<Tensor>>& saved,
     Tensor dcanvas, Tensor dhe, Tensor dce, const c10::optional<Tensor>& dhd_final, Tensor dcd,
     const c10::optional<Tensor>& dq_out, const c10::optional<Tensor>& dz_out, const c10::optional<Tensor>& draw_read,
-    const c10::optional<Tensor>& draw_write, std::vector<std::vector<Tensor>> saved, Tensor ce, Tensor cd,
-    Tensor g_enc, Tensor g_dec, Tensor tc_enc, Tensor tc_dec, Tensor eps, Tensor m_seq, Tensor v_seq, Tensor q_seq,
-    Tensor da_seq, Tensor dq_seq, const Tensor& w_a, const Tensor& w_enc, const Tensor& w_q, const Tensor& w_dz,
-    std::vector<int64_t> dims, std::vector<Tensor> read_t, std::vector<double> read_v, std::vector<Tensor> write_t,
-    std::vector<double> write_v) {
-  const DrawSizes sizes(dims, read_t, read_v, write_t, write_v);
+    const c10::optional<Tensor>& draw_write, Tensor ce, Tensor cd, Tensor g_enc, Tensor g_dec, Tensor tc_enc,
+    Tensor tc_dec, Tensor eps, Tensor m_seq, Tensor v_seq, Tensor q_seq, Tensor da_seq, Tensor dq_seq) {
   const auto& [steps, b, d, nz, c, hh, wi, nr, nw, read_n, write_n, patch, read_f, write_f] = sizes;
   const bool read_fb = read_n > 0, write_fb = write_n > 0;
+  const Prod &by_a = ps.at(0), &by_enc = ps.at(1), &by_q = ps.at(2), &by_dz = ps.at(3);  // x W (each weight transposed)
   for (int64_t t = steps - 1; t >= 0; --t) {
     Tensor da = da_seq[t + 1];
     if (write_fb) {  // the write of step t (from h^dec_{t+1})
@@ -620,11 +666,11 @@ std::vector<Tensor> draw_backward(
     } else {
       da.narrow(1, 0, nw).copy_(dcanvas.view({b, -1}));
     }
-    Tensor dhd = at::mm(da, w_a);  // h^dec_{t+1}'s gradient from everything that read it
+    Tensor dhd = prod(da, by_a);  // h^dec_{t+1}'s gradient from everything that read it
     if (t + 1 == steps && dhd_final.has_value()) dhd = dhd + *dhd_final;
     Tensor dgates = da_seq[t].narrow(1, nw + 4 * d, 4 * d);
     dcd = lstm_backward(dhd, dcd, g_dec[t], tc_dec[t], cd[t], dgates);
-    Tensor dz = dz_out.has_value() ? at::addmm((*dz_out)[t], dgates, w_dz) : at::mm(dgates, w_dz);
+    Tensor dz = dz_out.has_value() ? prod(dgates, by_dz, (*dz_out)[t]) : prod(dgates, by_dz);
     Tensor dq = dq_seq[t];
     Tensor scale = q_seq[t].narrow(1, nz, nz).exp();
     if (dq_out.has_value()) {
@@ -634,10 +680,10 @@ std::vector<Tensor> draw_backward(
       dq.narrow(1, 0, nz).copy_(dz);
       at::mul_out(lv(dq.narrow(1, nz, nz)), dz * eps[t], scale);
     }
-    dhe = at::addmm(dhe, dq, w_q);
+    dhe = prod(dq, by_q, dhe);
     dgates = da_seq[t].narrow(1, nw, 4 * d);
     dce = lstm_backward(dhe, dce, g_enc[t], tc_enc[t], ce[t], dgates);
-    Tensor dinp = at::mm(dgates, w_enc);  // (b, R + d): [r, h^enc_t-1]
+    Tensor dinp = prod(dgates, by_enc);  // (b, R + d): [r, h^enc_t-1]
     dhe = dinp.narrow(1, nr, d);
     Tensor dr = dinp.narrow(1, 0, nr);
     Tensor mean = m_seq[t];
@@ -660,8 +706,99 @@ std::vector<Tensor> draw_backward(
     }
     dcanvas.narrow(1, 0, c).addcmul_(dxhat, mean * mean - mean);  // x^ = x - sigmoid(canvas)
   }
-  Tensor dhd0 = at::mm(da_seq[0], w_a);
+  Tensor dhd0 = prod(da_seq[0], by_a);
   return {dcanvas, dhe, dce, dhd0, dcd};
+}
+
+// A tensor's rows [lo, lo + n) along its batch dimension (dim), or the tensor itself if it has none
+inline Tensor rows_of(const Tensor& t, int64_t dim, int64_t lo, int64_t n, int64_t b) {
+  return t.dim() > dim && t.size(dim) == b ? t.narrow(dim, lo, n) : t;
+}
+inline c10::optional<Tensor> rows_of(const c10::optional<Tensor>& t, int64_t dim, int64_t lo, int64_t n, int64_t b) {
+  return t.has_value() ? c10::optional<Tensor>(rows_of(*t, dim, lo, n, b)) : c10::nullopt;
+}
+
+// The forward's saved tensors, per block of rows (opaque to Python)
+struct DrawSaved {
+  std::vector<std::vector<std::vector<Tensor>>> blocks;
+};
+
+// f(block, lo, n) for `blocks` blocks of the b rows, in parallel (one thread each): every
+// operation of DRAW's loops acts row by row, so a block's loop runs alone on its thread, its
+// products on one thread too, with no fork and join per operation.
+template <typename F>
+void by_blocks(int64_t b, int64_t blocks, const F& f) {
+  blocks = std::max<int64_t>(1, std::min(blocks, b));
+  const at::ThreadLocalState state;  // the caller's grad mode and dispatch settings, for every thread
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t r0 = b * k / blocks, r1 = b * (k + 1) / blocks;
+      f(k, r0, r1 - r0);
+    }
+  });
+}
+
+}  // namespace
+
+// DRAW's forward (fused.py _DrawSequence): the batch in `blocks` blocks of rows; eps is drawn
+// here, step by step, before the loops (the step loop's random numbers). Returns the final canvas.
+std::tuple<Tensor, DrawSaved> draw_forward(
+    const Tensor& x, const Tensor& canvas0, Tensor a_seq, Tensor enc_in, Tensor ce, Tensor hd, Tensor cd, Tensor g_enc,
+    Tensor g_dec, Tensor tc_enc, Tensor tc_dec, Tensor eps, Tensor m_seq, Tensor v_seq, Tensor q_seq, Tensor z_seq,
+    const std::vector<c10::optional<Tensor>>& products, std::vector<int64_t> dims, std::vector<Tensor> read_t,
+    std::vector<double> read_v, std::vector<Tensor> write_t, std::vector<double> write_v, int64_t blocks) {
+  const DrawSizes sizes(dims, read_t, read_v, write_t, write_v);
+  const std::vector<Prod> ps = prods_from(products);  // A, the last write, the encoder, the posterior, the decoder's z
+  const int64_t b = sizes.b;
+  for (int64_t t = 0; t < sizes.steps; ++t) eps[t].normal_();
+  Tensor canvas = at::empty(canvas0.sizes(), x.options());
+  DrawSaved saved;
+  saved.blocks.resize(std::max<int64_t>(1, std::min(blocks, b)));
+  by_blocks(b, blocks, [&](int64_t k, int64_t lo, int64_t n) {
+    DrawSizes part = sizes;
+    part.b = n;
+    auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, n, b); };
+    saved.blocks[k] = draw_forward_rows(part, ps, x.narrow(0, lo, n), rows_of(canvas0, 0, lo, n, b), r(a_seq),
+                                        r(enc_in), r(ce), r(hd), r(cd), r(g_enc), r(g_dec), r(tc_enc), r(tc_dec),
+                                        r(eps), r(m_seq), r(v_seq), r(q_seq), r(z_seq));
+    canvas.narrow(0, lo, n).copy_(saved.blocks[k][0][0]);
+  });
+  return {canvas, std::move(saved)};
+}
+
+// DRAW's backward (fused.py _DrawSequence), in the forward's blocks of rows: fills da_seq and
+// dq_seq; returns {dcanvas_0, dh^enc_0, dc^enc_0, dh^dec_0, dc^dec_0}.
+std::vector<Tensor> draw_backward(
+    Tensor dcanvas, Tensor dhe, Tensor dce, const c10::optional<Tensor>& dhd_final, Tensor dcd,
+    const c10::optional<Tensor>& dq_out, const c10::optional<Tensor>& dz_out, const c10::optional<Tensor>& draw_read,
+    const c10::optional<Tensor>& draw_write, const DrawSaved& saved, Tensor ce, Tensor cd, Tensor g_enc,
+    Tensor g_dec, Tensor tc_enc, Tensor tc_dec, Tensor eps, Tensor m_seq, Tensor v_seq, Tensor q_seq, Tensor da_seq,
+    Tensor dq_seq, const std::vector<c10::optional<Tensor>>& products, std::vector<int64_t> dims,
+    std::vector<Tensor> read_t, std::vector<double> read_v, std::vector<Tensor> write_t, std::vector<double> write_v) {
+  const DrawSizes sizes(dims, read_t, read_v, write_t, write_v);
+  const std::vector<Prod> ps = prods_from(products);
+  const int64_t b = sizes.b, blocks = static_cast<int64_t>(saved.blocks.size());
+  std::vector<std::vector<Tensor>> out(blocks);
+  by_blocks(b, blocks, [&](int64_t k, int64_t lo, int64_t n) {
+    DrawSizes part = sizes;
+    part.b = n;
+    auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, n, b); };
+    auto r0 = [&](const Tensor& t) { return rows_of(t, 0, lo, n, b); };
+    out[k] = draw_backward_rows(part, ps, saved.blocks[k], r0(dcanvas), r0(dhe), r0(dce), rows_of(dhd_final, 0, lo, n, b),
+                                r0(dcd), rows_of(dq_out, 1, lo, n, b), rows_of(dz_out, 1, lo, n, b),
+                                rows_of(draw_read, 1, lo, n, b), rows_of(draw_write, 1, lo, n, b), r(ce), r(cd),
+                                r(g_enc), r(g_dec), r(tc_enc), r(tc_dec), r(eps), r(m_seq), r(v_seq), r(q_seq),
+                                r(da_seq), r(dq_seq));
+  });
+  if (blocks == 1) return out[0];
+  std::vector<Tensor> joined;
+  for (size_t i = 0; i < out[0].size(); ++i) {
+    std::vector<Tensor> parts;
+    for (const auto& o : out) parts.push_back(o[i]);
+    joined.push_back(i == 0 ? dcanvas : at::cat(parts));  // dcanvas: its blocks were updated in place
+  }
+  return joined;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -676,4 +813,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return filters_backward(Filters(t, v), saved, 0, dfy, dfx, dgamma);
   });
   m.def("draw_backward", &draw_backward);
+  py::class_<DrawSaved>(m, "DrawSaved").def("blocks_count", [](const DrawSaved& s) { return s.blocks.size(); });
 }
