@@ -688,13 +688,17 @@ class _VRNNSequence(Function):
         fx = fx.contiguous()
         acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
         native = _native()
-        (native or _Python).vrnn_forward(
-            fx, mask, hs, w["c"], w["ghn"], acts, fzs, out_seq, scale_seq, w["eps"], z_seq, w["gates"], w["tc"],
-            w["post"], w["cell"], w["H"], weights[0], weights[1], weights[2], weights[3], weights[4], b_h,
-            q_w, q_b, z_w, z_b, weights[5], lstm, MIN_STD, chunk)
+        args = (fx, mask, hs, w["c"], w["ghn"], acts, fzs, out_seq, scale_seq, w["eps"], z_seq, w["gates"], w["tc"],
+                w["post"], w["cell"], w["H"], weights[0], weights[1], weights[2], weights[3], weights[4], b_h,
+                q_w, q_b, z_w, z_b, weights[5], lstm, MIN_STD, chunk)
+        blocks = _blocks(b) if native is not None else 1  # C++: the batch in blocks of rows, one thread each
+        if native is not None:
+            native.vrnn_forward(*args, blocks)
+        else:
+            _vrnn_forward(*args)
         _guard(ctx, model)
         ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
-        ctx.dims = (n_q, n_z, lstm, b_h is not None, chunk)
+        ctx.dims = (n_q, n_z, lstm, b_h is not None, chunk, blocks)
         ctx.weights = weights
         ctx.save_for_backward(mask, fx, hs, fz, out_seq, z_seq)
         c_last = w["c"][steps].clone() if lstm else h0.new_empty(0)
@@ -705,7 +709,7 @@ class _VRNNSequence(Function):
     def backward(ctx, dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc):
         _check_lease(ctx)
         model, ws, w = ctx.model, ctx.ws, ctx.ws.views
-        n_q, n_z, lstm, has_bias, chunk = ctx.dims
+        n_q, n_z, lstm, has_bias, chunk, blocks = ctx.dims
         mask, fx, hs, fz, out_seq, z_seq = ctx.saved_tensors
         weights = ctx.weights
         b, d = hs.shape[1], hs.shape[2]
@@ -717,21 +721,14 @@ class _VRNNSequence(Function):
         grads = [torch.zeros_like(p) for p in weights[:5]] + [hs.new_zeros(weights[4].shape[0])]
         grads += [torch.zeros_like(weights[5])] + [torch.zeros_like(p) for p in weights[6:]]
         dfx = torch.empty_like(fx)
-        first = (ctx.native or _Python).vrnn_backward(
-            dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, fx, hs, w["c"], w["ghn"], acts, fzs, out_seq,
-            w["eps"], z_seq, w["gates"], w["tc"], w["dH"], w["dgates"], w["dout"], dqs, dzs, dfx, weights[0],
-            weights[2], weights[4], weights[6 : 6 + 2 * n_q : 2], weights[6 + 2 * n_q :: 2], weights[5], grads, lstm,
-            has_bias, chunk)
+        args = (dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, fx, hs, w["c"], w["ghn"], acts, fzs,
+                out_seq, w["eps"], z_seq, w["gates"], w["tc"], w["dH"], w["dgates"], w["dout"], dqs, dzs, dfx,
+                weights[0], weights[2], weights[4], weights[6 : 6 + 2 * n_q : 2], weights[6 + 2 * n_q :: 2],
+                weights[5], grads, lstm, has_bias, chunk)
+        first = ctx.native.vrnn_backward(*args, blocks) if ctx.native is not None else _vrnn_backward(*args)
         _release(model, ws)
         return (None, dfx, first[0], first[1] if lstm else None, None, *grads[:5], grads[5] if has_bias else None,
                 *grads[6:])
-
-
-class _Python:
-    """The loops in Python, where the C++ build is unavailable (the same functions as csrc/fused.cpp)."""
-
-    vrnn_forward = staticmethod(_vrnn_forward)
-    vrnn_backward = staticmethod(_vrnn_backward)
 
 
 _NATIVE: list = []  # [the built extension, or None once a build failed]

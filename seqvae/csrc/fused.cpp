@@ -250,68 +250,80 @@ inline Tensor prod(const Tensor& x, const Prod& p, const c10::optional<Tensor>& 
   return add.has_value() ? at::addmm(*add, x, p.w.t()) : at::mm(x, p.w.t());
 }
 
+// A tensor's rows [lo, lo + n) along its batch dimension (dim), or the tensor itself if it has none
+inline Tensor rows_of(const Tensor& t, int64_t dim, int64_t lo, int64_t n, int64_t b) {
+  return t.dim() > dim && t.size(dim) == b ? t.narrow(dim, lo, n) : t;
+}
+inline c10::optional<Tensor> rows_of(const c10::optional<Tensor>& t, int64_t dim, int64_t lo, int64_t n, int64_t b) {
+  return t.has_value() ? c10::optional<Tensor>(rows_of(*t, dim, lo, n, b)) : c10::nullopt;
+}
+
+// f(block, lo, n) for `blocks` blocks of the b rows, in parallel (one thread each): every
+// operation of DRAW's loops acts row by row, so a block's loop runs alone on its thread, its
+// products on one thread too, with no fork and join per operation.
+template <typename F>
+void by_blocks(int64_t b, int64_t blocks, const F& f) {
+  blocks = std::max<int64_t>(1, std::min(blocks, b));
+  const at::ThreadLocalState state;  // the caller's grad mode and dispatch settings, for every thread
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t r0 = b * k / blocks, r1 = b * (k + 1) / blocks;
+      f(k, r0, r1 - r0);
+    }
+  });
+}
+
 inline Tensor relu_backward(const Tensor& grad, const Tensor& out, Tensor into) {
   return at::threshold_backward_out(into, grad, out, 0);
 }
 
-}  // namespace
-
-// The VRNN's forward over all steps (fused.py _vrnn_forward), `chunk` steps at a time: the
-// phi_x parts of the posterior's first layer and of the cell's gates for a chunk, then its steps.
-void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
-                  std::vector<Tensor> acts, std::vector<Tensor> fzs, Tensor out_seq, Tensor scale_seq, Tensor eps,
-                  Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor post_c, Tensor cell_c, Tensor hq,
-                  const Tensor& w_px, const Tensor& b_px, const Tensor& w_cx, const Tensor& b_cx, const Tensor& w_h,
-                  const c10::optional<Tensor>& b_h, std::vector<Tensor> q_w, std::vector<Tensor> q_b,
-                  std::vector<Tensor> z_w, std::vector<Tensor> z_b, const Tensor& w_cz, bool lstm, double min_std,
-                  int64_t chunk) {
-  const int64_t steps = fx.size(0), b = fx.size(1), f = fx.size(2), nz = eps.size(2), g = w_cx.size(0);
+// The VRNN's steps [s0, s0 + n) for one block of rows (fused.py _vrnn_forward), given the
+// chunk's phi_x parts of the posterior's first layer (pc) and of the cell's gates (cc).
+void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const c10::optional<Tensor>& mask,
+                Tensor hs, Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs,
+                Tensor out_seq, Tensor scale_seq, const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq,
+                Tensor hq, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
+                const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
+                const Tensor& w_cz, bool lstm, double min_std) {
+  const int64_t nz = eps.size(2), f = pc.size(2), g = cc.size(2);
   const size_t n_q = q_w.size();
-  for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
-    const int64_t n = std::min(chunk, steps - s0);
-    Tensor fx_c = fx.narrow(0, s0, n).reshape({n * b, f});
-    Tensor pc = post_c.narrow(0, 0, n), cc = cell_c.narrow(0, 0, n);
-    at::addmm_out(lv(pc.view({n * b, f})), b_px, fx_c, w_px.t());
-    at::addmm_out(lv(cc.view({n * b, g})), b_cx, fx_c, w_cx.t());
-    for (int64_t t = s0; t < s0 + n; ++t) {
-      Tensor h = hs[t];
-      affine_into(hq, h, w_h, b_h);
-      Tensor a = acts[0][t];
-      at::add_out(a, pc[t - s0], hq.narrow(1, 0, f)).relu_();
-      for (size_t i = 1; i < n_q; ++i) {
-        Tensor ai = acts[i][t];
-        affine_into(ai, a, q_w[i - 1], q_b[i - 1]);
-        a = ai.relu_();
-      }
-      Tensor out = out_seq[t];
-      affine_into(out, a, q_w[n_q - 1], q_b[n_q - 1]);
-      Tensor scale = scale_seq[t];
-      at::add_out(scale, at::softplus(out, 1, 20).narrow(1, nz, nz), min_std);  // on the whole row: a strided half is 4x slower
-      Tensor e = eps[t];
-      e.normal_();
-      Tensor fz = z_seq[t];
-      at::addcmul_out(fz, out.narrow(1, 0, nz), scale, e);
-      for (size_t l = 0; l < z_w.size(); ++l) {
-        Tensor fl = fzs[l][t];
-        affine_into(fl, fz, z_w[l], z_b[l]);
-        fz = fl.relu_();
-      }
-      Tensor gi = gates_seq[t];
-      at::addmm_out(gi, cc[t - s0], fz, w_cz.t());
-      Tensor gh = hq.narrow(1, f, g);
+  for (int64_t t = s0; t < s0 + n; ++t) {
+    Tensor h = hs[t];
+    affine_into(hq, h, w_h, b_h);
+    Tensor a = acts[0][t];
+    at::add_out(a, pc[t - s0], hq.narrow(1, 0, f)).relu_();
+    for (size_t i = 1; i < n_q; ++i) {
+      Tensor ai = acts[i][t];
+      affine_into(ai, a, q_w[i - 1], q_b[i - 1]);
+      a = ai.relu_();
+    }
+    Tensor out = out_seq[t];
+    affine_into(out, a, q_w[n_q - 1], q_b[n_q - 1]);
+    Tensor scale = scale_seq[t];
+    at::add_out(scale, at::softplus(out, 1, 20).narrow(1, nz, nz), min_std);  // on the whole row: a strided half is 4x slower
+    Tensor fz = z_seq[t];
+    at::addcmul_out(fz, out.narrow(1, 0, nz), scale, eps[t]);
+    for (size_t l = 0; l < z_w.size(); ++l) {
+      Tensor fl = fzs[l][t];
+      affine_into(fl, fz, z_w[l], z_b[l]);
+      fz = fl.relu_();
+    }
+    Tensor gi = gates_seq[t];
+    at::addmm_out(gi, cc[t - s0], fz, w_cz.t());
+    Tensor gh = hq.narrow(1, f, g);
+    if (lstm) {
+      lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
+    } else {
+      gru_forward(gi, gh, h, hs[t + 1], ghn[t]);
+    }
+    if (mask.has_value()) {  // a padded step keeps its state
+      Tensor keep = mask->select(1, t).unsqueeze(1);
+      Tensor next = hs[t + 1];
+      at::where_out(next, keep, next, h);
       if (lstm) {
-        lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
-      } else {
-        gru_forward(gi, gh, h, hs[t + 1], ghn[t]);
-      }
-      if (mask.has_value()) {  // a padded step keeps its state
-        Tensor keep = mask->select(1, t).unsqueeze(1);
-        Tensor next = hs[t + 1];
-        at::where_out(next, keep, next, h);
-        if (lstm) {
-          Tensor cn = cs[t + 1];
-          at::where_out(cn, keep, cn, cs[t]);
-        }
+        Tensor cn = cs[t + 1];
+        at::where_out(cn, keep, cn, cs[t]);
       }
     }
   }
@@ -324,10 +336,105 @@ inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b, Tensor* db
   if (dbias != nullptr) dbias->add_(a2.sum(0));
 }
 
-// The VRNN's backward over all steps (fused.py _vrnn_backward), a chunk at a time from the
-// end: the steps in reverse into the chunk's gradient buffers, then the chunk's share of every
-// weight's gradient (one product each, added into the g_* accumulators) and of phi_x's
-// gradient dfx. Returns the gradients of h_0 (and c_0).
+// The VRNN's steps [s0, s0 + n) in reverse for one block of rows (fused.py _vrnn_backward): the
+// gradients of each step into the chunk's buffers (row k = t - s0); dh (and dc) carried from
+// step s0 + n to step s0. Returns {dh, dc} at s0.
+std::vector<Tensor> vrnn_back_steps(
+    int64_t s0, int64_t n, const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out,
+    const c10::optional<Tensor>& dfz_out, const c10::optional<Tensor>& dloc_out,
+    const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc, const c10::optional<Tensor>& mask, Tensor hs,
+    Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq,
+    const Tensor& eps, Tensor gates_seq, Tensor tc_seq, Tensor d_h, Tensor dgates_c, Tensor dout_c,
+    const std::vector<Tensor>& dqs, const std::vector<Tensor>& dzs, const Tensor& w_h, const std::vector<Tensor>& q_w,
+    const std::vector<Tensor>& z_w, const Tensor& w_cz, bool lstm, int64_t f) {
+  const int64_t nz = eps.size(2), n_q = q_w.size(), n_z = z_w.size(), width = d_h.size(2);
+  for (int64_t t = s0 + n - 1; t >= s0; --t) {
+    const int64_t k = t - s0;
+    Tensor dh_skip, dc_skip;
+    if (mask.has_value()) {  // h_{t+1} = h_new where the step is real, h_t on padding
+      Tensor keep = mask->select(1, t).unsqueeze(1);
+      dh_skip = at::where(keep, 0.0, dh);
+      dh = at::where(keep, dh, 0.0);
+      if (lstm) {
+        dc_skip = at::where(keep, 0.0, dc);
+        dc = at::where(keep, dc, 0.0);
+      }
+    }
+    Tensor dgates = dgates_c[k];
+    Tensor dgh = d_h[k].narrow(1, f, width - f);
+    Tensor dh_direct;
+    if (lstm) {
+      dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates);
+      if (mask.has_value()) dc = dc + dc_skip;
+      dgh.copy_(dgates);
+    } else {
+      dh_direct = gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, dgh);
+    }
+    Tensor dfz = dfz_out.has_value() ? at::addmm((*dfz_out)[t], dgates, w_cz) : at::mm(dgates, w_cz);
+    for (int64_t i = n_z - 1; i >= 0; --i) {  // phi_z
+      dfz = at::mm(relu_backward(dfz, fzs[i][t], dzs[i][k]), z_w[i]);
+    }
+    Tensor dz = dz_out.has_value() ? dfz + (*dz_out)[t] : dfz;
+    Tensor dout = dout_c[k];  // [loc, s~]
+    if (dloc_out.has_value()) {
+      at::add_out(lv(dout.narrow(1, 0, nz)), dz, (*dloc_out)[t]);
+    } else {
+      dout.narrow(1, 0, nz).copy_(dz);
+    }
+    Tensor dscale = dscale_out.has_value() ? at::addcmul((*dscale_out)[t], dz, eps[t]) : dz * eps[t];
+    at::mul_out(lv(dout.narrow(1, nz, nz)), dscale, at::sigmoid(out_seq[t]).narrow(1, nz, nz));  // softplus' = sigmoid
+    Tensor da = at::mm(dout, q_w[n_q - 1]);
+    for (int64_t i = n_q - 1; i >= 1; --i) {  // the q-net's hidden layers
+      da = at::mm(relu_backward(da, acts[i][t], dqs[i - 1][k]), q_w[i - 1]);
+    }
+    relu_backward(da, acts[0][t], d_h[k].narrow(1, 0, f));
+    dh = at::mm(d_h[k], w_h);
+    if (dh_direct.defined()) dh.add_(dh_direct);
+    if (dh_skip.defined()) dh.add_(dh_skip);
+    if (dh_prev.has_value()) dh.add_((*dh_prev)[t]);
+  }
+  return {dh, dc};
+}
+
+}  // namespace
+
+// The VRNN's forward over all steps (fused.py _vrnn_forward), `chunk` steps at a time: the
+// phi_x parts of the posterior's first layer and of the cell's gates for a chunk (over the whole
+// batch), then its steps with the batch in `blocks` blocks of rows, one thread each. eps is
+// drawn here, step by step, before the loops (the step loop's random numbers).
+void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
+                  std::vector<Tensor> acts, std::vector<Tensor> fzs, Tensor out_seq, Tensor scale_seq, Tensor eps,
+                  Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor post_c, Tensor cell_c, Tensor hq,
+                  const Tensor& w_px, const Tensor& b_px, const Tensor& w_cx, const Tensor& b_cx, const Tensor& w_h,
+                  const c10::optional<Tensor>& b_h, std::vector<Tensor> q_w, std::vector<Tensor> q_b,
+                  std::vector<Tensor> z_w, std::vector<Tensor> z_b, const Tensor& w_cz, bool lstm, double min_std,
+                  int64_t chunk, int64_t blocks) {
+  const int64_t steps = fx.size(0), b = fx.size(1), f = fx.size(2), g = w_cx.size(0);
+  for (int64_t t = 0; t < steps; ++t) eps[t].normal_();
+  for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
+    const int64_t n = std::min(chunk, steps - s0);
+    Tensor fx_c = fx.narrow(0, s0, n).reshape({n * b, f});
+    Tensor pc = post_c.narrow(0, 0, n), cc = cell_c.narrow(0, 0, n);
+    at::addmm_out(lv(pc.view({n * b, f})), b_px, fx_c, w_px.t());
+    at::addmm_out(lv(cc.view({n * b, g})), b_cx, fx_c, w_cx.t());
+    by_blocks(b, blocks, [&](int64_t, int64_t lo, int64_t rows) {
+      auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, rows, b); };
+      auto rs = [&](const std::vector<Tensor>& ts) {
+        std::vector<Tensor> out;
+        for (const Tensor& t : ts) out.push_back(r(t));
+        return out;
+      };
+      vrnn_steps(s0, n, r(pc), r(cc), rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs),
+                 r(out_seq), r(scale_seq), r(eps), r(z_seq), r(gates_seq), r(tc_seq), rows_of(hq, 0, lo, rows, b), w_h,
+                 b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std);
+    });
+  }
+}
+
+// The VRNN's backward over all steps (fused.py _vrnn_backward), a chunk at a time from the end:
+// the steps in reverse into the chunk's gradient buffers (in the forward's blocks of rows), then
+// the chunk's share of every weight's gradient (one product each over the whole batch, added
+// into the g_* accumulators) and of phi_x's gradient dfx. Returns the gradients of h_0 (and c_0).
 std::vector<Tensor> vrnn_backward(
     const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out, const c10::optional<Tensor>& dfz_out,
     const c10::optional<Tensor>& dloc_out, const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc,
@@ -335,57 +442,34 @@ std::vector<Tensor> vrnn_backward(
     std::vector<Tensor> fzs, Tensor out_seq, Tensor eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor d_h,
     Tensor dgates_c, Tensor dout_c, std::vector<Tensor> dqs, std::vector<Tensor> dzs, Tensor dfx, const Tensor& w_px,
     const Tensor& w_cx, const Tensor& w_h, std::vector<Tensor> q_w, std::vector<Tensor> z_w, const Tensor& w_cz,
-    std::vector<Tensor> grads, bool lstm, bool has_bias, int64_t chunk) {
+    std::vector<Tensor> grads, bool lstm, bool has_bias, int64_t chunk, int64_t blocks) {
   // grads: g_px, gb_px, g_cx, gb_cx, g_h, gb_h, g_cz, then (w, b) of each q-net layer and of each phi_z layer
-  const int64_t steps = out_seq.size(0), nz = eps.size(2), f = fx.size(2), b = fx.size(1);
-  const int64_t n_q = q_w.size(), n_z = z_w.size(), width = d_h.size(2);
+  const int64_t steps = out_seq.size(0), f = fx.size(2), b = fx.size(1);
+  const int64_t n_q = q_w.size(), n_z = z_w.size();
+  blocks = std::max<int64_t>(1, std::min(blocks, b));
+  std::vector<Tensor> dhs(blocks), dcs(blocks);  // each block's dh (and dc), carried from chunk to chunk
+  for (int64_t k = 0; k < blocks; ++k) {  // (by_blocks' rows)
+    const int64_t lo = b * k / blocks, rows = b * (k + 1) / blocks - lo;
+    dhs[k] = rows_of(dh, 0, lo, rows, b);
+    dcs[k] = rows_of(dc, 0, lo, rows, b);
+  }
   for (int64_t s0 = ((steps - 1) / chunk) * chunk; s0 >= 0; s0 -= chunk) {
     const int64_t n = std::min(chunk, steps - s0);
-    for (int64_t t = s0 + n - 1; t >= s0; --t) {
-      const int64_t k = t - s0;
-      Tensor dh_skip, dc_skip;
-      if (mask.has_value()) {  // h_{t+1} = h_new where the step is real, h_t on padding
-        Tensor keep = mask->select(1, t).unsqueeze(1);
-        dh_skip = at::where(keep, 0.0, dh);
-        dh = at::where(keep, dh, 0.0);
-        if (lstm) {
-          dc_skip = at::where(keep, 0.0, dc);
-          dc = at::where(keep, dc, 0.0);
-        }
-      }
-      Tensor dgates = dgates_c[k];
-      Tensor dgh = d_h[k].narrow(1, f, width - f);
-      Tensor dh_direct;
-      if (lstm) {
-        dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates);
-        if (mask.has_value()) dc = dc + dc_skip;
-        dgh.copy_(dgates);
-      } else {
-        dh_direct = gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, dgh);
-      }
-      Tensor dfz = dfz_out.has_value() ? at::addmm((*dfz_out)[t], dgates, w_cz) : at::mm(dgates, w_cz);
-      for (int64_t i = n_z - 1; i >= 0; --i) {  // phi_z
-        dfz = at::mm(relu_backward(dfz, fzs[i][t], dzs[i][k]), z_w[i]);
-      }
-      Tensor dz = dz_out.has_value() ? dfz + (*dz_out)[t] : dfz;
-      Tensor dout = dout_c[k];  // [loc, s~]
-      if (dloc_out.has_value()) {
-        at::add_out(lv(dout.narrow(1, 0, nz)), dz, (*dloc_out)[t]);
-      } else {
-        dout.narrow(1, 0, nz).copy_(dz);
-      }
-      Tensor dscale = dscale_out.has_value() ? at::addcmul((*dscale_out)[t], dz, eps[t]) : dz * eps[t];
-      at::mul_out(lv(dout.narrow(1, nz, nz)), dscale, at::sigmoid(out_seq[t]).narrow(1, nz, nz));  // softplus' = sigmoid
-      Tensor da = at::mm(dout, q_w[n_q - 1]);
-      for (int64_t i = n_q - 1; i >= 1; --i) {  // the q-net's hidden layers
-        da = at::mm(relu_backward(da, acts[i][t], dqs[i - 1][k]), q_w[i - 1]);
-      }
-      relu_backward(da, acts[0][t], d_h[k].narrow(1, 0, f));
-      dh = at::mm(d_h[k], w_h);
-      if (dh_direct.defined()) dh.add_(dh_direct);
-      if (dh_skip.defined()) dh.add_(dh_skip);
-      if (dh_prev.has_value()) dh.add_((*dh_prev)[t]);
-    }
+    by_blocks(b, blocks, [&](int64_t k, int64_t lo, int64_t rows) {
+      auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, rows, b); };
+      auto r1 = [&](const c10::optional<Tensor>& t) { return rows_of(t, 1, lo, rows, b); };
+      auto rs = [&](const std::vector<Tensor>& ts) {
+        std::vector<Tensor> v;
+        for (const Tensor& t : ts) v.push_back(r(t));
+        return v;
+      };
+      std::vector<Tensor> carried = vrnn_back_steps(
+          s0, n, r1(dh_prev), r1(dz_out), r1(dfz_out), r1(dloc_out), r1(dscale_out), dhs[k], dcs[k],
+          rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs), r(out_seq), r(eps), r(gates_seq),
+          r(tc_seq), r(d_h), r(dgates_c), r(dout_c), rs(dqs), rs(dzs), w_h, q_w, z_w, w_cz, lstm, f);
+      dhs[k] = carried[0];
+      dcs[k] = carried[1];
+    });
     // the chunk's share of the weights' gradients and of phi_x's
     Tensor dH = d_h.narrow(0, 0, n), dG = dgates_c.narrow(0, 0, n);
     Tensor dpost = dH.narrow(2, 0, f);
@@ -407,8 +491,9 @@ std::vector<Tensor> vrnn_backward(
                  &grads[8 + 2 * n_q + 2 * i]);
     }
   }
-  if (lstm) return {dh, dc};
-  return {dh};
+  std::vector<Tensor> first = {blocks == 1 ? dhs[0] : at::cat(dhs)};
+  if (lstm) first.push_back(blocks == 1 ? dcs[0] : at::cat(dcs));
+  return first;
 }
 
 // ------------------------------------------------------------------------------------------ DRAW
@@ -710,34 +795,10 @@ std::vector<Tensor> draw_backward_rows(
   return {dcanvas, dhe, dce, dhd0, dcd};
 }
 
-// A tensor's rows [lo, lo + n) along its batch dimension (dim), or the tensor itself if it has none
-inline Tensor rows_of(const Tensor& t, int64_t dim, int64_t lo, int64_t n, int64_t b) {
-  return t.dim() > dim && t.size(dim) == b ? t.narrow(dim, lo, n) : t;
-}
-inline c10::optional<Tensor> rows_of(const c10::optional<Tensor>& t, int64_t dim, int64_t lo, int64_t n, int64_t b) {
-  return t.has_value() ? c10::optional<Tensor>(rows_of(*t, dim, lo, n, b)) : c10::nullopt;
-}
-
 // The forward's saved tensors, per block of rows (opaque to Python)
 struct DrawSaved {
   std::vector<std::vector<std::vector<Tensor>>> blocks;
 };
-
-// f(block, lo, n) for `blocks` blocks of the b rows, in parallel (one thread each): every
-// operation of DRAW's loops acts row by row, so a block's loop runs alone on its thread, its
-// products on one thread too, with no fork and join per operation.
-template <typename F>
-void by_blocks(int64_t b, int64_t blocks, const F& f) {
-  blocks = std::max<int64_t>(1, std::min(blocks, b));
-  const at::ThreadLocalState state;  // the caller's grad mode and dispatch settings, for every thread
-  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-    const at::ThreadLocalStateGuard guard(state);
-    for (int64_t k = lo; k < hi; ++k) {
-      const int64_t r0 = b * k / blocks, r1 = b * (k + 1) / blocks;
-      f(k, r0, r1 - r0);
-    }
-  });
-}
 
 }  // namespace
 
