@@ -144,3 +144,67 @@ def test_model_gradients_equal_plain_autograd_with_any_kernel(kind, kernel, monk
     assert fast.keys() == plain.keys()
     for name in plain:
         assert _rel(fast[name], plain[name]) < 1e-5, name
+
+
+# ------------------------------------------------------------------ Repeated: a loop's per-step products
+@pytest.mark.parametrize("kernel", ["aten", "packed"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_repeated_computes_the_affine_map_with_extra_and_out(monkeypatch, kernel, bias, transposed):
+    """x W^T + b (+ extra), into out or not, with a contiguous or a transposed weight, each kernel."""
+    if kernel == "packed" and not gemm._packed_ok():
+        pytest.skip("this PyTorch has no oneDNN (mkldnn) linear with packed weights")
+    monkeypatch.setenv("SEQVAE_GEMM", kernel)
+    w = torch.randn(37, 23).t() if transposed else torch.randn(23, 37)
+    b = torch.randn(23) if bias else None
+    prod = gemm.Repeated(16, w, b)
+    assert prod.kernel == kernel and (prod.packed is not None) == (kernel == "packed")
+    for rows in (16, 5):  # fewer rows than it was packed for (the last block of a batch)
+        x, extra = torch.randn(rows, 37), torch.randn(rows, 23)
+        expected = x.double() @ w.double().t() + (b.double() if bias else 0)
+        assert _rel(prod(x).double(), expected) < 1e-6
+        out = torch.full((rows, 23), float("nan"))
+        assert prod(x, extra=extra, out=out) is out and _rel(out.double(), expected + extra.double()) < 1e-6
+        strided = torch.randn(rows, 50)[:, 3:40]  # rows of a wider buffer, as the loops pass them
+        assert _rel(prod(strided).double(), strided.double() @ w.double().t() + (b.double() if bias else 0)) < 1e-6
+
+
+def test_repeated_measures_per_shape_and_threads_once(monkeypatch, tmp_path):
+    """Small products, other dtypes and autocast take ATen's kernel unmeasured; others are measured
+    once per shape, layout and number of threads, on that many threads, and stored."""
+    monkeypatch.setenv("SEQVAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SEQVAE_GEMM", raising=False)
+    monkeypatch.setattr(gemm, "_choices", None)
+    monkeypatch.setattr(gemm, "_packed_ok", lambda: True)
+    calls = []
+
+    def fake_measure(x, w, b):
+        calls.append((tuple(x.shape), torch.get_num_threads()))
+        return "aten"
+
+    monkeypatch.setattr(gemm, "_measure_step", fake_measure)
+    assert gemm.choose_step(8, torch.randn(10, 10)) == "aten" and calls == []  # below STEP_MIN
+    assert gemm.choose_step(64, torch.randn(1024, 256, dtype=torch.float64)) == "aten" and calls == []
+    w = torch.randn(1024, 256)
+    threads = torch.get_num_threads()
+    for _ in range(2):
+        assert gemm.choose_step(64, w) == "aten" and gemm.choose_step(32, w, threads=1) == "aten"
+    assert calls == [((64, 256), threads), ((32, 256), 1)] and torch.get_num_threads() == threads
+    keys = sorted(json.loads((tmp_path / "gemm.json").read_text())["choices"])
+    assert keys == ["step|32x256x1024|-|c|1", f"step|64x256x1024|-|c|{threads}"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm.choose_step(64, torch.randn(512, 256)) == "aten" and len(calls) == 2
+
+
+def test_repeated_measurement_picks_the_faster_kernel(monkeypatch):
+    if not gemm._packed_ok():
+        pytest.skip("this PyTorch has no oneDNN (mkldnn) linear with packed weights")
+    x, w = torch.randn(64, 256), torch.randn(1024, 256)
+    slow = gemm._packed_run
+
+    def slower(*args):
+        torch.mm(torch.randn(600, 600), torch.randn(600, 600))  # ~0.2 GFLOP of extra work
+        return slow(*args)
+
+    monkeypatch.setattr(gemm, "_packed_run", slower)
+    assert gemm._measure_step(x, w, None) == "aten"
