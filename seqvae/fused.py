@@ -758,6 +758,29 @@ def _cpu_id() -> str:
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]  # OpenMP: ATen's parallel_for is inline
 
 
+def _build(cpp_extension, source: Path):
+    """Build (or load the cached build of) csrc/fused.cpp: with OpenMP, so that its blocks of rows
+    run in parallel; where the compiler has no OpenMP, without (the blocks then run one after another)."""
+    error = None
+    for flags, ldflags in ((CFLAGS, ["-fopenmp"]), ([f for f in CFLAGS if f != "-fopenmp"] + ["-fopenmp-simd"], [])):
+        # Built for this machine's CPU (-march=native), so named after it, after the source, the
+        # flags and torch: a cache shared by different CPUs, seqvae versions or torch builds keeps
+        # one build of each. No contraction of a * b + c into fused multiply-adds: the
+        # filterbank's x * x - min(x * x) must be exactly 0 at the minimum.
+        key = "\n".join([_cpu_id(), source.read_text(), " ".join(flags), torch.__version__])
+        name = f"seqvae_fused_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        if not built.exists():
+            print(f"seqvae: building the C++ time loops for this machine (once, about 40 s): {built.parent}",
+                  file=sys.stderr, flush=True)
+        try:
+            return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=ldflags,
+                                      verbose=False)
+        except Exception as failed:  # noqa: BLE001 - retried without OpenMP, then reported by _native
+            error = failed
+    raise error
+
+
 def _native():
     """The C++ loops (csrc/fused.cpp), built by torch.utils.cpp_extension on first use and cached
     by it (~40 s once); None with SEQVAE_NATIVE=0 or where they cannot be built (the Python loops
@@ -769,18 +792,7 @@ def _native():
             from torch.utils import cpp_extension
 
             source = Path(__file__).with_name("csrc") / "fused.cpp"
-            # Built for this machine's CPU (-march=native), so named after it, after the source, the
-            # flags and torch: a cache shared by different CPUs, seqvae versions or torch builds keeps
-            # one build of each. No contraction of a * b + c into fused multiply-adds: the
-            # filterbank's x * x - min(x * x) must be exactly 0 at the minimum.
-            key = "\n".join([_cpu_id(), source.read_text(), " ".join(CFLAGS), torch.__version__])
-            name = f"seqvae_fused_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-            built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-            if not built.exists():
-                print(f"seqvae: building the C++ time loops for this machine (once, about 40 s): {built.parent}",
-                      file=sys.stderr, flush=True)
-            _NATIVE.append(cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CFLAGS,
-                                           extra_ldflags=["-fopenmp"], verbose=False))
+            _NATIVE.append(_build(cpp_extension, source))
         except Exception as error:  # no compiler, no ninja, a failed build: the Python loops run instead
             warnings.warn(f"seqvae: the C++ time loops could not be built, running them in Python ({error})", stacklevel=2)
             _NATIVE.append(None)

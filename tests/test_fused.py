@@ -25,6 +25,10 @@ def loops(request, monkeypatch):
     batch in 3 blocks of rows of unequal sizes on the threads (where the model splits its batch),
     or in Python."""
     monkeypatch.setenv("SEQVAE_BLOCKS", "3" if request.param == "native-blocks" else "1")
+    if request.param == "native-blocks":  # blocks on two threads, whatever the machine
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     if request.param == "python":
         monkeypatch.setenv("SEQVAE_NATIVE", "0")
     else:
@@ -332,3 +336,50 @@ def test_double_backward_is_refused_clearly():
     (grad,) = torch.autograd.grad(loss, [model.cell.hh.weight], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
         grad.sum().backward()
+
+
+_UNDER_A_MODE = """
+import torch, seqvae
+from torch.utils._python_dispatch import TorchDispatchMode
+from seqvae import fused
+assert fused._native() is not None
+torch.set_num_threads(2)
+
+class PassThrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+for model, x in ((seqvae.DRAW(image_shape=(1, 12, 12), steps=3, hidden_size=16, z_size=4), (torch.rand(32, 1, 12, 12) > 0.5).float()),
+                 (seqvae.VRNN(x_dim=5, hidden_size=8, z_size=3), (torch.rand(32, 6, 5) > 0.5).float())):
+    values = []
+    for mode in (None, PassThrough()):
+        torch.manual_seed(0)
+        if mode is None:
+            values.append(seqvae.elbo(model, x).sum().item())
+        else:
+            with mode:
+                values.append(seqvae.elbo(model, x).sum().item())
+    assert values[0] == values[1], values
+print("ok")
+"""
+
+
+def test_blocks_run_under_a_python_dispatch_mode(tmp_path):
+    """An operation under a Python dispatch mode (FlopCounterMode, a user's mode) runs Python code
+    on the blocks' threads: the loops must not hold the GIL (they hung before). In a subprocess,
+    so that a hang fails the test instead of the suite."""
+    import os
+    import subprocess
+    import sys
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fused._native() is None:
+            pytest.skip("the C++ loops could not be built here (no compiler?)")
+    env = {**os.environ, "SEQVAE_BLOCKS": "2", "SEQVAE_FUSED": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _UNDER_A_MODE], env=env, capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a fused pass under a dispatch mode did not finish in 300 s (a GIL deadlock?)")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -862,10 +862,12 @@ std::vector<Tensor> draw_backward(
   return joined;
 }
 
+// The loops run without the GIL: their blocks' threads may need it (an operation under a Python
+// dispatch mode, e.g. FlopCounterMode, runs Python code), and the calling thread only waits for them.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("vrnn_forward", &vrnn_forward);
-  m.def("vrnn_backward", &vrnn_backward);
-  m.def("draw_forward", &draw_forward);
+  m.def("vrnn_forward", &vrnn_forward, py::call_guard<py::gil_scoped_release>());
+  m.def("vrnn_backward", &vrnn_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("draw_forward", &draw_forward, py::call_guard<py::gil_scoped_release>());
   m.def("filters_forward", [](std::vector<Tensor> t, std::vector<double> v, const Tensor& raw) {
     return filters_forward(Filters(t, v), raw);
   });
@@ -873,6 +875,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                const Tensor& dfy, const Tensor& dfx, const Tensor& dgamma) {
     return filters_backward(Filters(t, v), saved, 0, dfy, dfx, dgamma);
   });
-  m.def("draw_backward", &draw_backward);
+  m.def("draw_backward", &draw_backward, py::call_guard<py::gil_scoped_release>());
   py::class_<DrawSaved>(m, "DrawSaved").def("blocks_count", [](const DrawSaved& s) { return s.blocks.size(); });
 }
