@@ -29,10 +29,11 @@ thread (`_blocks`; SEQVAE_BLOCKS=n sets the number): every operation of a step a
 row, so each thread runs its block's loop on its own, with single-threaded products, instead of
 all threads meeting at every one of a step's few dozen small operations (measured on the
 2-core development VM: DRAW's step 1.1x, the VRNN's at T=500 1.16-1.24x faster than one block).
-The products that are repeated at every step with one weight use the kernel gemm.Repeated
+DRAW's products that are repeated at every step with one weight use the kernel gemm.Repeated
 measures fastest for the shape (oneDNN with the weight packed once per pass, or ATen's); the
-products over whole sequences (weight gradients, the VRNN's phi_x parts per chunk) are ATen's,
-on all threads.
+VRNN's per-step products are ATen's (on one thread at 64 rows MKL was faster for all of its
+shapes), and so are the products over whole sequences (weight gradients, the VRNN's phi_x parts
+per chunk), on all threads.
 
 The model's `fused_unroll(x, state, mask)` (the recurrent contract's hook) returns the step
 outputs stacked over time and the final state, as the step loop does; `score` then runs as
