@@ -18,6 +18,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 using at::Tensor;
@@ -223,20 +224,21 @@ inline Tensor onednn_linear(const Tensor& x, const Tensor& packed, const c10::op
   return stack[0].toTensor();
 }
 
+// What ATen's path adds to x w^T: the bias, extra, or their sum
+inline c10::optional<Tensor> added(const Prod& p, const c10::optional<Tensor>& extra) {
+  if (!extra.has_value()) return p.bias;
+  return p.bias.has_value() ? *extra + *p.bias : *extra;
+}
+
 // out = x w^T + bias (+ extra)
 inline void prod_into(Tensor out, const Tensor& x, const Prod& p, const c10::optional<Tensor>& extra = c10::nullopt) {
-  if (p.packed.has_value()) {
-    Tensor y = onednn_linear(x, *p.packed, p.bias);
-    if (extra.has_value()) {
-      at::add_out(out, y, *extra);
-    } else {
-      out.copy_(y);
-    }
-    return;
+  if (!p.packed.has_value()) return affine_into(out, x, p.w, added(p, extra));
+  Tensor y = onednn_linear(x, *p.packed, p.bias);
+  if (extra.has_value()) {
+    at::add_out(out, y, *extra);
+  } else {
+    out.copy_(y);
   }
-  c10::optional<Tensor> add = p.bias;
-  if (extra.has_value()) add = p.bias.has_value() ? *extra + *p.bias : *extra;
-  affine_into(out, x, p.w, add);
 }
 
 // x w^T + bias (+ extra), a new tensor
@@ -245,8 +247,7 @@ inline Tensor prod(const Tensor& x, const Prod& p, const c10::optional<Tensor>& 
     Tensor y = onednn_linear(x, *p.packed, p.bias);
     return extra.has_value() ? y.add_(*extra) : y;
   }
-  c10::optional<Tensor> add = p.bias;
-  if (extra.has_value()) add = p.bias.has_value() ? *extra + *p.bias : *extra;
+  const c10::optional<Tensor> add = added(p, extra);
   return add.has_value() ? at::addmm(*add, x, p.w.t()) : at::mm(x, p.w.t());
 }
 
@@ -257,10 +258,21 @@ inline Tensor rows_of(const Tensor& t, int64_t dim, int64_t lo, int64_t n, int64
 inline c10::optional<Tensor> rows_of(const c10::optional<Tensor>& t, int64_t dim, int64_t lo, int64_t n, int64_t b) {
   return t.has_value() ? c10::optional<Tensor>(rows_of(*t, dim, lo, n, b)) : c10::nullopt;
 }
+inline std::vector<Tensor> rows_of(const std::vector<Tensor>& ts, int64_t dim, int64_t lo, int64_t n, int64_t b) {
+  std::vector<Tensor> out;
+  for (const Tensor& t : ts) out.push_back(rows_of(t, dim, lo, n, b));
+  return out;
+}
+
+// Block k's rows [lo, lo + n) of b rows in `blocks` blocks: {lo, n}
+inline std::pair<int64_t, int64_t> block_rows(int64_t b, int64_t blocks, int64_t k) {
+  const int64_t lo = b * k / blocks;
+  return {lo, b * (k + 1) / blocks - lo};
+}
 
 // f(block, lo, n) for `blocks` blocks of the b rows, in parallel (one thread each): every
-// operation of DRAW's loops acts row by row, so a block's loop runs alone on its thread, its
-// products on one thread too, with no fork and join per operation.
+// operation of a DRAW glimpse or a VRNN step acts row by row, so a block's loop runs alone on
+// its thread, its products on one thread too, with no fork and join per operation.
 template <typename F>
 void by_blocks(int64_t b, int64_t blocks, const F& f) {
   blocks = std::max<int64_t>(1, std::min(blocks, b));
@@ -268,8 +280,8 @@ void by_blocks(int64_t b, int64_t blocks, const F& f) {
   at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
     const at::ThreadLocalStateGuard guard(state);
     for (int64_t k = lo; k < hi; ++k) {
-      const int64_t r0 = b * k / blocks, r1 = b * (k + 1) / blocks;
-      f(k, r0, r1 - r0);
+      const auto [r0, n] = block_rows(b, blocks, k);
+      f(k, r0, n);
     }
   });
 }
@@ -419,11 +431,7 @@ void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs
     at::addmm_out(lv(cc.view({n * b, g})), b_cx, fx_c, w_cx.t());
     by_blocks(b, blocks, [&](int64_t, int64_t lo, int64_t rows) {
       auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, rows, b); };
-      auto rs = [&](const std::vector<Tensor>& ts) {
-        std::vector<Tensor> out;
-        for (const Tensor& t : ts) out.push_back(r(t));
-        return out;
-      };
+      auto rs = [&](const std::vector<Tensor>& ts) { return rows_of(ts, 1, lo, rows, b); };
       vrnn_steps(s0, n, r(pc), r(cc), rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs),
                  r(out_seq), r(scale_seq), r(eps), r(z_seq), r(gates_seq), r(tc_seq), rows_of(hq, 0, lo, rows, b), w_h,
                  b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std);
@@ -448,8 +456,8 @@ std::vector<Tensor> vrnn_backward(
   const int64_t n_q = q_w.size(), n_z = z_w.size();
   blocks = std::max<int64_t>(1, std::min(blocks, b));
   std::vector<Tensor> dhs(blocks), dcs(blocks);  // each block's dh (and dc), carried from chunk to chunk
-  for (int64_t k = 0; k < blocks; ++k) {  // (by_blocks' rows)
-    const int64_t lo = b * k / blocks, rows = b * (k + 1) / blocks - lo;
+  for (int64_t k = 0; k < blocks; ++k) {
+    const auto [lo, rows] = block_rows(b, blocks, k);
     dhs[k] = rows_of(dh, 0, lo, rows, b);
     dcs[k] = rows_of(dc, 0, lo, rows, b);
   }
@@ -458,11 +466,7 @@ std::vector<Tensor> vrnn_backward(
     by_blocks(b, blocks, [&](int64_t k, int64_t lo, int64_t rows) {
       auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, rows, b); };
       auto r1 = [&](const c10::optional<Tensor>& t) { return rows_of(t, 1, lo, rows, b); };
-      auto rs = [&](const std::vector<Tensor>& ts) {
-        std::vector<Tensor> v;
-        for (const Tensor& t : ts) v.push_back(r(t));
-        return v;
-      };
+      auto rs = [&](const std::vector<Tensor>& ts) { return rows_of(ts, 1, lo, rows, b); };
       std::vector<Tensor> carried = vrnn_back_steps(
           s0, n, r1(dh_prev), r1(dz_out), r1(dfz_out), r1(dloc_out), r1(dscale_out), dhs[k], dcs[k],
           rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs), r(out_seq), r(eps), r(gates_seq),
