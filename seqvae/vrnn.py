@@ -331,11 +331,18 @@ class VRNN(SequenceModel):
         return outs, CellState(h, c if state.c is not None else None)
 
     def score(self, x: Tensor, outs: VRNNStep, state: Any = None) -> Terms:
-        """log p(x_t | z_t, h_{t-1}), q and p for x (b, t, x), the decoder and prior batched over t."""
-        h = self.dropped(outs.h)
-        output = self.head(self.decoder.over(outs.fz, h))  # batch (b, t)
+        """log p(x_t | z_t, h_{t-1}), q and p for x (b, t, x), the decoder and prior batched over t.
+
+        The unroll stores the step outputs time-major and views them as (b, t, ...)
+        (recurrent.stack_steps); the networks run on the time-major tensors, which their products
+        read in place (a (b, t, ...) view would be copied first, and the copy kept for the
+        backward: ~85 MB of a T=500 step's peak), and their results are viewed back as (b, t, ...)."""
+        h = self.dropped(outs.h.transpose(0, 1), dim=1)  # (t, b, d)
+        output = self.head(self.decoder.over(outs.fz.transpose(0, 1), h).transpose(0, 1))  # batch (b, t)
+        prior = self.prior(h).base_dist  # batch (t, b)
+        prior = diagonal_normal(prior.loc.transpose(0, 1), prior.scale.transpose(0, 1))
         posterior = diagonal_normal(outs.loc, outs.scale)
-        return Terms(output.log_prob(x), posterior, self.prior(h), outs.z, output=output)
+        return Terms(output.log_prob(x), posterior, prior, outs.z, output=output)
 
 
 class RNN(SequenceModel):
@@ -370,5 +377,6 @@ class RNN(SequenceModel):
         return out, self.cell.update(cell_x, self.cell.hidden_gates(h), state)
 
     def score(self, x: Tensor, outs: RNNStep, state: Any = None) -> Terms:
-        output = self.head(self.decoder(self.dropped(outs.h)))  # p(x_t | h_{t-1}), batch (b, t)
+        h = self.dropped(outs.h.transpose(0, 1), dim=1)  # (t, b, d), as stored (see VRNN.score)
+        output = self.head(self.decoder(h).transpose(0, 1))  # p(x_t | h_{t-1}), batch (b, t)
         return Terms(output.log_prob(x), output=output)

@@ -92,9 +92,9 @@ def test_dropout_drops_h_where_the_decoder_and_prior_read_it_and_only_in_trainin
     log_px, kl, h = _by_hand(model, x, mask, drop=lambda h, t: h * keep[:, t] * 2.0)  # a known mask, scaled by 1 / (1 - p)
     seen = []
 
-    def dropout(h, p, training):
+    def dropout(h, p, training):  # h (t, b, d): score reads the steps' outputs time-major, as stored
         seen.append((p, training))
-        return h * keep * 2.0
+        return h * keep.transpose(0, 1) * 2.0
 
     monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
     torch.manual_seed(1)
@@ -132,7 +132,7 @@ def test_an_examples_particles_share_one_dropout_mask(monkeypatch):
     # the bounds say that their rows are particles: every mask is drawn per example (4 rows), not per row (12)
     rows_seen = []
     real = torch.nn.functional.dropout
-    monkeypatch.setattr(torch.nn.functional, "dropout", lambda h, p, training: rows_seen.append(h.shape[0]) or real(h, p, training))
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda h, p, training: rows_seen.append(h.shape[1]) or real(h, p, training))  # h (t, rows, d)
     for value in (seqvae.iwae_bound(model, x, k=3), seqvae.fivo_bound(model, x, k=3), seqvae.log_likelihood(model, x, k=3)):
         assert torch.isfinite(value).all()
     assert len(rows_seen) == 1 + 7 + 1 and set(rows_seen) == {4}  # IWAE's batched score, FIVO's 7 steps, the estimate
