@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from seqvae.distributions import make_head
+from seqvae.distributions import check_finite, make_head
 
 
 def test_bernoulli_log_prob_by_hand():
@@ -84,3 +84,17 @@ def test_heads_refuse_data_they_cannot_score():
         make_head("strokes").check(torch.tensor([[0.1, 0.2, 0.5]]))
     with pytest.raises(ValueError, match="unknown output distribution"):
         make_head("poisson")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_finite_check_finds_one_bad_value_among_values_whose_sum_overflows(bad):
+    """check_finite first sums (a finite sum has no NaN or infinite term); huge finite values
+    whose sum overflows go to the element-wise test, which passes them and finds one bad value."""
+    huge = torch.full((2, 5), 3e38)
+    check_finite(huge, "huge")  # the sum is inf, every value finite: no error
+    check_finite(torch.tensor([1.0, -1.0, 0.0]), "small")
+    huge[1, 3] = bad
+    with pytest.raises(ValueError, match="huge holds 1 NaN or infinite value"):
+        check_finite(huge, "huge")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        check_finite(torch.tensor([0.0, bad, 1.0]), "small")
