@@ -11,6 +11,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <cstring>
@@ -33,13 +34,17 @@ inline Tensor& lv(Tensor&& t) { return t; }
 // Rows (the batch) may be strided; within a row the units are contiguous. float: exp by a
 // Cephes-style polynomial (relative error ~2e-7) that the compiler vectorizes; double: std::exp.
 
+// always inlined: a call per element stops the loops around it from being vectorized (gcc
+// stopped inlining it once the file grew: the GRU update took 3x as long)
+#define SEQVAE_INLINE inline __attribute__((always_inline))
+
 template <typename T>
-inline T exp_(T x) {
+SEQVAE_INLINE T exp_(T x) {
   return std::exp(x);
 }
 
 template <>
-inline float exp_<float>(float x) {
+SEQVAE_INLINE float exp_<float>(float x) {
   x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);  // (not fmin/fmax: gcc 12 would not vectorize those)
   const float k = std::nearbyint(x * 1.44269504088896341f);
   float r = std::fma(k, -0.693359375f, x);
@@ -58,12 +63,12 @@ inline float exp_<float>(float x) {
 }
 
 template <typename T>
-inline T sigmoid_(T x) {
+SEQVAE_INLINE T sigmoid_(T x) {
   return T(1) / (T(1) + exp_<T>(-x));
 }
 
 template <typename T>
-inline T tanh_(T x) {
+SEQVAE_INLINE T tanh_(T x) {
   if constexpr (std::is_same_v<T, double>) return std::tanh(x);
   return T(2) / (T(1) + exp_<T>(-2 * x)) - T(1);
 }
@@ -290,40 +295,97 @@ inline Tensor relu_backward(const Tensor& grad, const Tensor& out, Tensor into) 
   return at::threshold_backward_out(into, grad, out, 0);
 }
 
+// A (steps, rows, units) buffer read and written row by row in the raw loops below: the pointer to
+// row i of step t, without creating a tensor per step (an ATen view or operation costs ~1-4 us,
+// of the order of a 64-row step's arithmetic)
+template <typename T>
+struct Seq {
+  T* p;
+  int64_t st, sr;
+  explicit Seq(const Tensor& t) : p(t.data_ptr<T>()), st(t.stride(0)), sr(t.stride(1)) {
+    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "seqvae fused kernel: (steps, rows, units) with contiguous units expected");
+  }
+  T* at(int64_t t, int64_t i) const { return p + t * st + i * sr; }
+};
+
+// y = relu(y + bias) over the rows of y (rows, units), in place (the product before it wrote x w^T)
+template <typename T>
+inline void bias_relu(const Tensor& y, const Tensor& bias) {
+  const int64_t n = y.size(0), d = y.size(1), ld = y.stride(0);
+  T* p = y.data_ptr<T>();
+  const T* b = bias.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) {
+    T* r = p + i * ld;
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < d; ++j) r[j] = std::max(r[j] + b[j], T(0));
+  }
+}
+
+// softplus(x) with torch's threshold (x above 20: x itself)
+template <typename T>
+inline T softplus_(T x) {
+  return x > T(20) ? x : std::log1p(std::exp(x));
+}
+
 // The VRNN's steps [s0, s0 + n) for one block of rows (fused.py _vrnn_forward), given the
-// chunk's phi_x parts of the posterior's first layer (pc) and of the cell's gates (cc).
-void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const c10::optional<Tensor>& mask,
-                Tensor hs, Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs,
-                Tensor out_seq, Tensor scale_seq, const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq,
-                Tensor hq, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
-                const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
-                const Tensor& w_cz, bool lstm, double min_std) {
-  const int64_t nz = eps.size(2), f = pc.size(2), g = cc.size(2);
+// chunk's phi_x parts of the posterior's first layer (pc) and of the cell's gates (cc). The
+// products are ATen's (their output rows written in place); what lies between them (biases,
+// activations, the reparameterised sample) is done in raw loops over the rows.
+template <typename T>
+void vrnn_steps_impl(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const c10::optional<Tensor>& mask,
+                     Tensor hs, Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs,
+                     Tensor out_seq, Tensor scale_seq, const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq,
+                     Tensor hq, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
+                     const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
+                     const Tensor& w_cz, bool lstm, double min_std) {
+  const int64_t nz = eps.size(2), f = pc.size(2), g = cc.size(2), rows_n = hq.size(0);
   const size_t n_q = q_w.size();
+  const Seq<T> pcs(pc), a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq);
+  TORCH_CHECK(hq.stride(1) == 1, "seqvae fused kernel: rows of contiguous units expected");
+  const T* hqp = hq.data_ptr<T>();
+  const int64_t hq_ld = hq.stride(0);
+  const T sd_min = static_cast<T>(min_std);
+  const Tensor gh = hq.narrow(1, f, g), w_czt = w_cz.t();
+  std::vector<Tensor> q_wt, z_wt;
+  for (const Tensor& w : q_w) q_wt.push_back(w.t());
+  for (const Tensor& w : z_w) z_wt.push_back(w.t());
   for (int64_t t = s0; t < s0 + n; ++t) {
     Tensor h = hs[t];
     affine_into(hq, h, w_h, b_h);
+    for (int64_t i = 0; i < rows_n; ++i) {  // a_0 = relu(phi_x part + h part)
+      const T *x = pcs.at(t - s0, i), *y = hqp + i * hq_ld;
+      T* a = a0s.at(t, i);
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < f; ++j) a[j] = std::max(x[j] + y[j], T(0));
+    }
     Tensor a = acts[0][t];
-    at::add_out(a, pc[t - s0], hq.narrow(1, 0, f)).relu_();
     for (size_t i = 1; i < n_q; ++i) {
       Tensor ai = acts[i][t];
-      affine_into(ai, a, q_w[i - 1], q_b[i - 1]);
-      a = ai.relu_();
+      at::mm_out(ai, a, q_wt[i - 1]);
+      bias_relu<T>(ai, q_b[i - 1]);
+      a = ai;
     }
     Tensor out = out_seq[t];
-    affine_into(out, a, q_w[n_q - 1], q_b[n_q - 1]);
-    Tensor scale = scale_seq[t];
-    at::add_out(scale, at::softplus(out, 1, 20).narrow(1, nz, nz), min_std);  // on the whole row: a strided half is 4x slower
+    at::mm_out(out, a, q_wt[n_q - 1]);
+    const T* qb = q_b[n_q - 1].data_ptr<T>();
+    for (int64_t i = 0; i < rows_n; ++i) {  // [loc, s~] + bias; scale = softplus(s~) + min; z = loc + scale eps
+      T *o = outs.at(t, i), *sc = scales.at(t, i), *z = zs.at(t, i);
+      const T* e = epss.at(t, i);
+      for (int64_t j = 0; j < 2 * nz; ++j) o[j] += qb[j];
+      for (int64_t j = 0; j < nz; ++j) {
+        sc[j] = softplus_<T>(o[nz + j]) + sd_min;
+        z[j] = o[j] + sc[j] * e[j];
+      }
+    }
     Tensor fz = z_seq[t];
-    at::addcmul_out(fz, out.narrow(1, 0, nz), scale, eps[t]);
     for (size_t l = 0; l < z_w.size(); ++l) {
       Tensor fl = fzs[l][t];
-      affine_into(fl, fz, z_w[l], z_b[l]);
-      fz = fl.relu_();
+      at::mm_out(fl, fz, z_wt[l]);
+      bias_relu<T>(fl, z_b[l]);
+      fz = fl;
     }
     Tensor gi = gates_seq[t];
-    at::addmm_out(gi, cc[t - s0], fz, w_cz.t());
-    Tensor gh = hq.narrow(1, f, g);
+    at::addmm_out(gi, cc[t - s0], fz, w_czt);
     if (lstm) {
       lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
     } else {
@@ -339,6 +401,18 @@ void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const
       }
     }
   }
+}
+
+void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const c10::optional<Tensor>& mask,
+                Tensor hs, Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs,
+                Tensor out_seq, Tensor scale_seq, const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq,
+                Tensor hq, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
+                const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
+                const Tensor& w_cz, bool lstm, double min_std) {
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "vrnn_steps", [&] {
+    vrnn_steps_impl<scalar_t>(s0, n, pc, cc, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_seq, gates_seq,
+                              tc_seq, hq, w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std);
+  });
 }
 
 // dst += a^T b over the rows of the (n, b, .) blocks a and b; dbias += the column sums of a
