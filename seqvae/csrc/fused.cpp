@@ -422,10 +422,30 @@ inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b, Tensor* db
   if (dbias != nullptr) dbias->add_(a2.sum(0));
 }
 
+// dst = g * (act > 0) (ReLU's backward through its output act) over rows of n units
+template <typename T>
+inline void relu_grad(T* dst, const T* g, const T* act, int64_t n) {
+  _Pragma("omp simd")
+  for (int64_t j = 0; j < n; ++j) dst[j] = act[j] > T(0) ? g[j] : T(0);
+}
+
+// The rows of a (rows, units) tensor: the pointer to row i
+template <typename T>
+struct Mat {
+  T* p;
+  int64_t sr;
+  explicit Mat(const Tensor& t) : p(t.data_ptr<T>()), sr(t.stride(0)) {
+    TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "seqvae fused kernel: rows of contiguous units expected");
+  }
+  T* at(int64_t i) const { return p + i * sr; }
+};
+
 // The VRNN's steps [s0, s0 + n) in reverse for one block of rows (fused.py _vrnn_backward): the
 // gradients of each step into the chunk's buffers (row k = t - s0); dh (and dc) carried from
-// step s0 + n to step s0. Returns {dh, dc} at s0.
-std::vector<Tensor> vrnn_back_steps(
+// step s0 + n to step s0. Returns {dh, dc} at s0. As in the forward, the products are ATen's
+// (into buffers of this call) and what lies between them is done in raw loops over the rows.
+template <typename T>
+std::vector<Tensor> vrnn_back_steps_impl(
     int64_t s0, int64_t n, const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out,
     const c10::optional<Tensor>& dfz_out, const c10::optional<Tensor>& dloc_out,
     const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc, const c10::optional<Tensor>& mask, Tensor hs,
@@ -433,7 +453,23 @@ std::vector<Tensor> vrnn_back_steps(
     const Tensor& eps, Tensor gates_seq, Tensor tc_seq, Tensor d_h, Tensor dgates_c, Tensor dout_c,
     const std::vector<Tensor>& dqs, const std::vector<Tensor>& dzs, const Tensor& w_h, const std::vector<Tensor>& q_w,
     const std::vector<Tensor>& z_w, const Tensor& w_cz, bool lstm, int64_t f) {
-  const int64_t nz = eps.size(2), n_q = q_w.size(), n_z = z_w.size(), width = d_h.size(2);
+  const int64_t nz = eps.size(2), n_q = q_w.size(), n_z = z_w.size(), width = d_h.size(2), r = hs.size(1);
+  const int64_t d = hs.size(2);
+  // this call's buffers: the gradient reaching phi_z's output (and each layer's input), the
+  // q-net's, dz, and dh (a new tensor: the dh passed in may be the caller's)
+  Tensor g_f = at::empty({r, f}, hs.options()), da = at::empty({r, f}, hs.options());
+  Tensor dz = at::empty({r, nz}, hs.options());
+  Tensor dh_bufs[2] = {at::empty({r, d}, hs.options()), at::empty({r, d}, hs.options())};  // written in turn
+  const Mat<T> gm(g_f), dam(da), dzm(dz);
+  const Seq<T> outs(out_seq), epss(eps), dhs_seq(d_h), douts(dout_c), a0s(acts[0]);
+  std::vector<Seq<T>> zin, qin, dzseq, dqseq;  // phi_z's outputs (fzs), the q-net's activations, their gradients
+  for (const Tensor& t : fzs) zin.emplace_back(t);
+  for (const Tensor& t : acts) qin.emplace_back(t);
+  for (const Tensor& t : dzs) dzseq.emplace_back(t);
+  for (const Tensor& t : dqs) dqseq.emplace_back(t);
+  auto seq = [](const c10::optional<Tensor>& t) { return t.has_value() ? c10::optional<Seq<T>>(Seq<T>(*t)) : c10::nullopt; };
+  const auto dh_prev_s = seq(dh_prev), dz_out_s = seq(dz_out), dfz_out_s = seq(dfz_out);
+  const auto dloc_s = seq(dloc_out), dscale_s = seq(dscale_out);
   for (int64_t t = s0 + n - 1; t >= s0; --t) {
     const int64_t k = t - s0;
     Tensor dh_skip, dc_skip;
@@ -447,39 +483,80 @@ std::vector<Tensor> vrnn_back_steps(
       }
     }
     Tensor dgates = dgates_c[k];
-    Tensor dgh = d_h[k].narrow(1, f, width - f);
     Tensor dh_direct;
     if (lstm) {
       dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates);
       if (mask.has_value()) dc = dc + dc_skip;
-      dgh.copy_(dgates);
+      d_h[k].narrow(1, f, width - f).copy_(dgates);
     } else {
-      dh_direct = gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, dgh);
+      dh_direct = gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, d_h[k].narrow(1, f, width - f));
     }
-    Tensor dfz = dfz_out.has_value() ? at::addmm((*dfz_out)[t], dgates, w_cz) : at::mm(dgates, w_cz);
-    for (int64_t i = n_z - 1; i >= 0; --i) {  // phi_z
-      dfz = at::mm(relu_backward(dfz, fzs[i][t], dzs[i][k]), z_w[i]);
+    at::mm_out(g_f, dgates, w_cz);  // the gradient of phi_z's output: from the gates (+ dfz_out)
+    if (dfz_out_s) {
+      for (int64_t i = 0; i < r; ++i) {
+        T* g = gm.at(i);
+        const T* e = dfz_out_s->at(t, i);
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < f; ++j) g[j] += e[j];
+      }
     }
-    Tensor dz = dz_out.has_value() ? dfz + (*dz_out)[t] : dfz;
-    Tensor dout = dout_c[k];  // [loc, s~]
-    if (dloc_out.has_value()) {
-      at::add_out(lv(dout.narrow(1, 0, nz)), dz, (*dloc_out)[t]);
-    } else {
-      dout.narrow(1, 0, nz).copy_(dz);
+    for (int64_t l = n_z - 1; l >= 0; --l) {  // phi_z's layers, from the last
+      for (int64_t i = 0; i < r; ++i) relu_grad<T>(dzseq[l].at(k, i), gm.at(i), zin[l].at(t, i), f);
+      at::mm_out(l == 0 ? dz : g_f, dzs[l][k], z_w[l]);
     }
-    Tensor dscale = dscale_out.has_value() ? at::addcmul((*dscale_out)[t], dz, eps[t]) : dz * eps[t];
-    at::mul_out(lv(dout.narrow(1, nz, nz)), dscale, at::sigmoid(out_seq[t]).narrow(1, nz, nz));  // softplus' = sigmoid
-    Tensor da = at::mm(dout, q_w[n_q - 1]);
-    for (int64_t i = n_q - 1; i >= 1; --i) {  // the q-net's hidden layers
-      da = at::mm(relu_backward(da, acts[i][t], dqs[i - 1][k]), q_w[i - 1]);
+    for (int64_t i = 0; i < r; ++i) {  // dz (+ dz_out) into [dloc, ds~]: scale = softplus(s~) + min, softplus' = sigmoid
+      T* z = dzm.at(i);
+      T* o = douts.at(k, i);
+      const T *e = epss.at(t, i), *pre = outs.at(t, i);
+      for (int64_t j = 0; j < nz; ++j) {
+        const T dzj = dz_out_s ? z[j] + dz_out_s->at(t, i)[j] : z[j];
+        o[j] = dloc_s ? dzj + dloc_s->at(t, i)[j] : dzj;
+        const T dscale = dscale_s ? dscale_s->at(t, i)[j] + dzj * e[j] : dzj * e[j];
+        o[nz + j] = dscale * sigmoid_<T>(pre[nz + j]);
+      }
     }
-    relu_backward(da, acts[0][t], d_h[k].narrow(1, 0, f));
-    dh = at::mm(d_h[k], w_h);
-    if (dh_direct.defined()) dh.add_(dh_direct);
-    if (dh_skip.defined()) dh.add_(dh_skip);
-    if (dh_prev.has_value()) dh.add_((*dh_prev)[t]);
+    at::mm_out(da, dout_c[k], q_w[n_q - 1]);
+    for (int64_t l = n_q - 1; l >= 1; --l) {  // the q-net's hidden layers
+      for (int64_t i = 0; i < r; ++i) relu_grad<T>(dqseq[l - 1].at(k, i), dam.at(i), qin[l].at(t, i), f);
+      at::mm_out(da, dqs[l - 1][k], q_w[l - 1]);
+    }
+    for (int64_t i = 0; i < r; ++i) relu_grad<T>(dhs_seq.at(k, i), dam.at(i), a0s.at(t, i), f);
+    Tensor dh_new = dh_bufs[t & 1];  // not the one dh (this step's input) may be
+    at::mm_out(dh_new, d_h[k], w_h);
+    const bool direct = dh_direct.defined(), skip = dh_skip.defined();
+    const Tensor dd = direct ? dh_direct : dh_new, ds = skip ? dh_skip.contiguous() : dh_new;
+    const Mat<T> dhm(dh_new), ddm(dd), dsm(ds);
+    for (int64_t i = 0; i < r; ++i) {  // dh_{t-1} = the products' + the GRU's direct path (+ padding's) (+ dh_prev)
+      T* o = dhm.at(i);
+      const T *a = ddm.at(i), *b2 = dsm.at(i), *p = dh_prev_s ? dh_prev_s->at(t, i) : nullptr;
+      for (int64_t j = 0; j < d; ++j) {
+        T v = o[j];
+        if (direct) v += a[j];
+        if (skip) v += b2[j];
+        if (p != nullptr) v += p[j];
+        o[j] = v;
+      }
+    }
+    dh = dh_new;
   }
   return {dh, dc};
+}
+
+std::vector<Tensor> vrnn_back_steps(
+    int64_t s0, int64_t n, const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out,
+    const c10::optional<Tensor>& dfz_out, const c10::optional<Tensor>& dloc_out,
+    const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc, const c10::optional<Tensor>& mask, Tensor hs,
+    Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq,
+    const Tensor& eps, Tensor gates_seq, Tensor tc_seq, Tensor d_h, Tensor dgates_c, Tensor dout_c,
+    const std::vector<Tensor>& dqs, const std::vector<Tensor>& dzs, const Tensor& w_h, const std::vector<Tensor>& q_w,
+    const std::vector<Tensor>& z_w, const Tensor& w_cz, bool lstm, int64_t f) {
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "vrnn_back_steps", [&] {
+    out = vrnn_back_steps_impl<scalar_t>(s0, n, dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, hs, cs,
+                                         ghn, acts, fzs, out_seq, eps, gates_seq, tc_seq, d_h, dgates_c, dout_c, dqs,
+                                         dzs, w_h, q_w, z_w, w_cz, lstm, f);
+  });
+  return out;
 }
 
 }  // namespace
@@ -528,6 +605,12 @@ std::vector<Tensor> vrnn_backward(
   // grads: g_px, gb_px, g_cx, gb_cx, g_h, gb_h, g_cz, then (w, b) of each q-net layer and of each phi_z layer
   const int64_t steps = out_seq.size(0), f = fx.size(2), b = fx.size(1);
   const int64_t n_q = q_w.size(), n_z = z_w.size();
+  // the outputs' gradients (any layout autograd gives, e.g. expanded) with contiguous units, for the raw loops
+  auto units = [](const c10::optional<Tensor>& t) {
+    return t.has_value() && t->stride(2) != 1 ? c10::optional<Tensor>(t->contiguous()) : t;
+  };
+  const c10::optional<Tensor> dh_prev_u = units(dh_prev), dz_u = units(dz_out), dfz_u = units(dfz_out);
+  const c10::optional<Tensor> dloc_u = units(dloc_out), dscale_u = units(dscale_out);
   blocks = std::max<int64_t>(1, std::min(blocks, b));
   std::vector<Tensor> dhs(blocks), dcs(blocks);  // each block's dh (and dc), carried from chunk to chunk
   for (int64_t k = 0; k < blocks; ++k) {
@@ -542,7 +625,7 @@ std::vector<Tensor> vrnn_backward(
       auto r1 = [&](const c10::optional<Tensor>& t) { return rows_of(t, 1, lo, rows, b); };
       auto rs = [&](const std::vector<Tensor>& ts) { return rows_of(ts, 1, lo, rows, b); };
       std::vector<Tensor> carried = vrnn_back_steps(
-          s0, n, r1(dh_prev), r1(dz_out), r1(dfz_out), r1(dloc_out), r1(dscale_out), dhs[k], dcs[k],
+          s0, n, r1(dh_prev_u), r1(dz_u), r1(dfz_u), r1(dloc_u), r1(dscale_u), dhs[k], dcs[k],
           rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs), r(out_seq), r(eps), r(gates_seq),
           r(tc_seq), r(d_h), r(dgates_c), r(dout_c), rs(dqs), rs(dzs), w_h, q_w, z_w, w_cz, lstm, f);
       dhs[k] = carried[0];
