@@ -22,7 +22,9 @@ dozen operations on 64-128 rows). Here a model's whole pass is one `torch.autogr
     gradients live for one block, not for the whole sequence).
 
 The loops run in C++ (csrc/fused.cpp: the same loops, one pass per element for the cell
-updates and the filterbanks), built by torch.utils.cpp_extension on first use for the machine's
+updates and the filterbanks; in the VRNN's steps what lies between the products, biases,
+ReLUs and their gradients, the sample, as raw loops over the rows, with no ATen operation or
+view per step for them), built by torch.utils.cpp_extension on first use for the machine's
 CPU and cached (~40 s once); where it cannot be built (no compiler), in Python, with a warning.
 SEQVAE_NATIVE=0 runs the Python loops. In C++ the batch is split into blocks of rows, one per
 thread (`_blocks`; SEQVAE_BLOCKS=n sets the number): every operation of a step acts row by
@@ -44,7 +46,9 @@ The tests compare values and every gradient with the step loop's, in C++ and in 
 
 Memory: a training step's temporaries of tens of megabytes would be mapped and unmapped by
 glibc at every step (~10^5 page faults for a T=500 VRNN step); `tune_allocator` raises its
-mmap and trim thresholds once per process, on the first fused pass.
+mmap and trim thresholds once per process, on the first fused pass. A workspace is one
+allocation carved into its buffers (`_carve`): kept between steps, separate buffers would pin
+the heap's free space around them and fragment it.
 
 The maths of each backward, in the forward's notation:
   LSTM  (i, f, o) = sigmoid(.), u = tanh(.), c' = f c + i u, h' = o tanh(c'):
