@@ -142,6 +142,29 @@ def test_vrnn_pass_equals_the_step_loop(loops, monkeypatch, cell, posterior_laye
     _assert_same_gradients(g0, g1, 1e-9)
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_vrnn_pass_takes_gradients_of_any_layout_with_one_unit(loops, monkeypatch, cell):
+    """z_size=1 and hidden_size=1, a loss that also reads every step output and the final state
+    through permuted views: the gradients reaching the pass have size-1 unit dimensions with odd
+    strides (which .contiguous() leaves as they are); the same loss and gradients (float64)."""
+    torch.manual_seed(0)
+    model = _jitter(VRNN(x_dim=4, hidden_size=1, z_size=1, cell=cell, feature_size=3).double())
+    x = (torch.rand(5, 6, 4, dtype=torch.float64) > 0.5).double()
+    results = []
+    for on in ("0", "1"):
+        monkeypatch.setenv("SEQVAE_FUSED", on)
+        torch.manual_seed(3)
+        model.zero_grad()
+        run = unroll(model, x)
+        reads = [t for t in (*run.outs, *run.state) if t is not None]
+        loss = -(run.terms.log_px.sum() - run.terms.kl().sum()) + sum(_weighted(t) for t in reads)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, run.outs.z))
+    assert _made_by(results[1][2], "_VRNNSequenceBackward")
+    assert abs(results[1][0].item() - results[0][0].item()) <= 1e-9 * abs(results[0][0].item())
+    _assert_same_gradients(results[0][1], results[1][1], 1e-9)
+
+
 @pytest.mark.parametrize("kind", ["draw", "vrnn"])
 @pytest.mark.parametrize("kernel", ["measured", "aten", "packed"])
 def test_float32_gradients_equal_the_step_loop_to_1e_5(loops, monkeypatch, kind, kernel):

@@ -86,9 +86,15 @@ inline T* row(const Tensor& t, int64_t i) {
   return t.data_ptr<T>() + i * t.stride(0);
 }
 
+// Whether the units (the last dimension) are contiguous: stride 1, or one unit (whose stride
+// can be anything: .contiguous() leaves such a tensor as it is)
+inline bool unit_stride(const Tensor& t) {
+  return t.size(-1) == 1 || t.stride(-1) == 1;
+}
+
 // the kernels read rows whose units are contiguous
 inline void check_rows(std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts) TORCH_CHECK(t->dim() == 2 && t->stride(1) == 1, "seqvae fused kernel: rows of contiguous units expected");
+  for (const Tensor* t : ts) TORCH_CHECK(t->dim() == 2 && unit_stride(*t), "seqvae fused kernel: rows of contiguous units expected");
 }
 
 // gi (b, 3d) becomes [sigmoid(r), sigmoid(u), n]; h_out = n + u (h - n); ghn_out = gh's n block (for the backward)
@@ -303,7 +309,7 @@ struct Seq {
   T* p;
   int64_t st, sr;
   explicit Seq(const Tensor& t) : p(t.data_ptr<T>()), st(t.stride(0)), sr(t.stride(1)) {
-    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "seqvae fused kernel: (steps, rows, units) with contiguous units expected");
+    TORCH_CHECK(t.dim() == 3 && unit_stride(t), "seqvae fused kernel: (steps, rows, units) with contiguous units expected");
   }
   T* at(int64_t t, int64_t i) const { return p + t * st + i * sr; }
 };
@@ -341,7 +347,7 @@ void vrnn_steps_impl(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, 
   const int64_t nz = eps.size(2), f = pc.size(2), g = cc.size(2), rows_n = hq.size(0);
   const size_t n_q = q_w.size();
   const Seq<T> pcs(pc), a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq);
-  TORCH_CHECK(hq.stride(1) == 1, "seqvae fused kernel: rows of contiguous units expected");
+  TORCH_CHECK(unit_stride(hq), "seqvae fused kernel: rows of contiguous units expected");
   const T* hqp = hq.data_ptr<T>();
   const int64_t hq_ld = hq.stride(0);
   const T sd_min = static_cast<T>(min_std);
@@ -435,7 +441,7 @@ struct Mat {
   T* p;
   int64_t sr;
   explicit Mat(const Tensor& t) : p(t.data_ptr<T>()), sr(t.stride(0)) {
-    TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "seqvae fused kernel: rows of contiguous units expected");
+    TORCH_CHECK(t.dim() == 2 && unit_stride(t), "seqvae fused kernel: rows of contiguous units expected");
   }
   T* at(int64_t i) const { return p + i * sr; }
 };
@@ -607,7 +613,7 @@ std::vector<Tensor> vrnn_backward(
   const int64_t n_q = q_w.size(), n_z = z_w.size();
   // the outputs' gradients (any layout autograd gives, e.g. expanded) with contiguous units, for the raw loops
   auto units = [](const c10::optional<Tensor>& t) {
-    return t.has_value() && t->stride(2) != 1 ? c10::optional<Tensor>(t->contiguous()) : t;
+    return t.has_value() && !unit_stride(*t) ? c10::optional<Tensor>(t->contiguous()) : t;
   };
   const c10::optional<Tensor> dh_prev_u = units(dh_prev), dz_u = units(dz_out), dfz_u = units(dfz_out);
   const c10::optional<Tensor> dloc_u = units(dloc_out), dscale_u = units(dscale_out);
