@@ -338,12 +338,12 @@ inline T softplus_(T x) {
 // products are ATen's (their output rows written in place); what lies between them (biases,
 // activations, the reparameterised sample) is done in raw loops over the rows.
 template <typename T>
-void vrnn_steps_impl(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const c10::optional<Tensor>& mask,
-                     Tensor hs, Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs,
-                     Tensor out_seq, Tensor scale_seq, const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq,
-                     Tensor hq, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
-                     const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
-                     const Tensor& w_cz, bool lstm, double min_std) {
+void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const c10::optional<Tensor>& mask,
+                Tensor hs, Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs,
+                Tensor out_seq, Tensor scale_seq, const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq,
+                Tensor hq, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
+                const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
+                const Tensor& w_cz, bool lstm, double min_std) {
   const int64_t nz = eps.size(2), f = pc.size(2), g = cc.size(2), rows_n = hq.size(0);
   const size_t n_q = q_w.size();
   const Seq<T> pcs(pc), a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq);
@@ -409,18 +409,6 @@ void vrnn_steps_impl(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, 
   }
 }
 
-void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const c10::optional<Tensor>& mask,
-                Tensor hs, Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs,
-                Tensor out_seq, Tensor scale_seq, const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq,
-                Tensor hq, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
-                const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
-                const Tensor& w_cz, bool lstm, double min_std) {
-  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "vrnn_steps", [&] {
-    vrnn_steps_impl<scalar_t>(s0, n, pc, cc, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_seq, gates_seq,
-                              tc_seq, hq, w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std);
-  });
-}
-
 // dst += a^T b over the rows of the (n, b, .) blocks a and b; dbias += the column sums of a
 inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b, Tensor* dbias) {
   Tensor a2 = a.reshape({-1, a.size(-1)});
@@ -451,7 +439,7 @@ struct Mat {
 // step s0 + n to step s0. Returns {dh, dc} at s0. As in the forward, the products are ATen's
 // (into buffers of this call) and what lies between them is done in raw loops over the rows.
 template <typename T>
-std::vector<Tensor> vrnn_back_steps_impl(
+std::vector<Tensor> vrnn_back_steps(
     int64_t s0, int64_t n, const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out,
     const c10::optional<Tensor>& dfz_out, const c10::optional<Tensor>& dloc_out,
     const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc, const c10::optional<Tensor>& mask, Tensor hs,
@@ -548,23 +536,6 @@ std::vector<Tensor> vrnn_back_steps_impl(
   return {dh, dc};
 }
 
-std::vector<Tensor> vrnn_back_steps(
-    int64_t s0, int64_t n, const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out,
-    const c10::optional<Tensor>& dfz_out, const c10::optional<Tensor>& dloc_out,
-    const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc, const c10::optional<Tensor>& mask, Tensor hs,
-    Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq,
-    const Tensor& eps, Tensor gates_seq, Tensor tc_seq, Tensor d_h, Tensor dgates_c, Tensor dout_c,
-    const std::vector<Tensor>& dqs, const std::vector<Tensor>& dzs, const Tensor& w_h, const std::vector<Tensor>& q_w,
-    const std::vector<Tensor>& z_w, const Tensor& w_cz, bool lstm, int64_t f) {
-  std::vector<Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "vrnn_back_steps", [&] {
-    out = vrnn_back_steps_impl<scalar_t>(s0, n, dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, hs, cs,
-                                         ghn, acts, fzs, out_seq, eps, gates_seq, tc_seq, d_h, dgates_c, dout_c, dqs,
-                                         dzs, w_h, q_w, z_w, w_cz, lstm, f);
-  });
-  return out;
-}
-
 }  // namespace
 
 // The VRNN's forward over all steps (fused.py _vrnn_forward), `chunk` steps at a time: the
@@ -589,9 +560,11 @@ void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs
     by_blocks(b, blocks, [&](int64_t, int64_t lo, int64_t rows) {
       auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, rows, b); };
       auto rs = [&](const std::vector<Tensor>& ts) { return rows_of(ts, 1, lo, rows, b); };
-      vrnn_steps(s0, n, r(pc), r(cc), rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs),
-                 r(out_seq), r(scale_seq), r(eps), r(z_seq), r(gates_seq), r(tc_seq), rows_of(hq, 0, lo, rows, b), w_h,
-                 b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std);
+      AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "vrnn_forward", [&] {
+        vrnn_steps<scalar_t>(s0, n, r(pc), r(cc), rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts),
+                             rs(fzs), r(out_seq), r(scale_seq), r(eps), r(z_seq), r(gates_seq), r(tc_seq),
+                             rows_of(hq, 0, lo, rows, b), w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std);
+      });
     });
   }
 }
@@ -630,10 +603,13 @@ std::vector<Tensor> vrnn_backward(
       auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, rows, b); };
       auto r1 = [&](const c10::optional<Tensor>& t) { return rows_of(t, 1, lo, rows, b); };
       auto rs = [&](const std::vector<Tensor>& ts) { return rows_of(ts, 1, lo, rows, b); };
-      std::vector<Tensor> carried = vrnn_back_steps(
-          s0, n, r1(dh_prev_u), r1(dz_u), r1(dfz_u), r1(dloc_u), r1(dscale_u), dhs[k], dcs[k],
-          rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs), r(out_seq), r(eps), r(gates_seq),
-          r(tc_seq), r(d_h), r(dgates_c), r(dout_c), rs(dqs), rs(dzs), w_h, q_w, z_w, w_cz, lstm, f);
+      std::vector<Tensor> carried;
+      AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "vrnn_backward", [&] {
+        carried = vrnn_back_steps<scalar_t>(
+            s0, n, r1(dh_prev_u), r1(dz_u), r1(dfz_u), r1(dloc_u), r1(dscale_u), dhs[k], dcs[k],
+            rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs), r(out_seq), r(eps), r(gates_seq),
+            r(tc_seq), r(d_h), r(dgates_c), r(dout_c), rs(dqs), rs(dzs), w_h, q_w, z_w, w_cz, lstm, f);
+      });
       dhs[k] = carried[0];
       dcs[k] = carried[1];
     });
