@@ -297,10 +297,6 @@ void by_blocks(int64_t b, int64_t blocks, const F& f) {
   });
 }
 
-inline Tensor relu_backward(const Tensor& grad, const Tensor& out, Tensor into) {
-  return at::threshold_backward_out(into, grad, out, 0);
-}
-
 // A (steps, rows, units) buffer read and written row by row in the raw loops below: the pointer to
 // row i of step t, without creating a tensor per step (an ATen view or operation costs ~1-4 us,
 // of the order of a 64-row step's arithmetic)
@@ -515,7 +511,7 @@ std::vector<Tensor> vrnn_back_steps(
       at::mm_out(da, dqs[l - 1][k], q_w[l - 1]);
     }
     for (int64_t i = 0; i < r; ++i) relu_grad<T>(dhs_seq.at(k, i), dam.at(i), a0s.at(t, i), f);
-    Tensor dh_new = dh_bufs[t & 1];  // not the one dh (this step's input) may be
+    Tensor dh_new = dh_bufs[t & 1];  // (dh, this step's input, is the caller's or the other buffer)
     at::mm_out(dh_new, d_h[k], w_h);
     const bool direct = dh_direct.defined(), skip = dh_skip.defined();
     const Tensor dd = direct ? dh_direct : dh_new, ds = skip ? dh_skip.contiguous() : dh_new;
