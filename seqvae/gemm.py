@@ -224,13 +224,12 @@ def choose_step(rows: int, weight: Tensor, bias: Tensor | None = None, threads: 
     if key not in choices:
         probe = torch.randn(rows, k, generator=torch.Generator().manual_seed(0))
         before = torch.get_num_threads()
-        if threads == before:
+        if threads != before:  # measured on the threads it will run on (fused.py's blocks: one)
+            torch.set_num_threads(threads)
+        try:
             choices[key] = _measure_step(probe, weight, bias)
-        else:  # measured on the threads it will run on (fused.py's blocks: one)
-            try:
-                torch.set_num_threads(threads)
-                choices[key] = _measure_step(probe, weight, bias)
-            finally:
+        finally:
+            if threads != before:
                 torch.set_num_threads(before)
         _save({key: choices[key]})
     return choices[key]

@@ -310,14 +310,25 @@ struct Seq {
   T* at(int64_t t, int64_t i) const { return p + t * st + i * sr; }
 };
 
+// The rows of a (rows, units) tensor: the pointer to row i
+template <typename T>
+struct Mat {
+  T* p;
+  int64_t sr;
+  explicit Mat(const Tensor& t) : p(t.data_ptr<T>()), sr(t.stride(0)) {
+    TORCH_CHECK(t.dim() == 2 && unit_stride(t), "seqvae fused kernel: rows of contiguous units expected");
+  }
+  T* at(int64_t i) const { return p + i * sr; }
+};
+
 // y = relu(y + bias) over the rows of y (rows, units), in place (the product before it wrote x w^T)
 template <typename T>
 inline void bias_relu(const Tensor& y, const Tensor& bias) {
-  const int64_t n = y.size(0), d = y.size(1), ld = y.stride(0);
-  T* p = y.data_ptr<T>();
+  const int64_t n = y.size(0), d = y.size(1);
+  const Mat<T> ys(y);
   const T* b = bias.data_ptr<T>();
   for (int64_t i = 0; i < n; ++i) {
-    T* r = p + i * ld;
+    T* r = ys.at(i);
     _Pragma("omp simd")
     for (int64_t j = 0; j < d; ++j) r[j] = std::max(r[j] + b[j], T(0));
   }
@@ -343,9 +354,7 @@ void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const
   const int64_t nz = eps.size(2), f = pc.size(2), g = cc.size(2), rows_n = hq.size(0);
   const size_t n_q = q_w.size();
   const Seq<T> pcs(pc), a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq);
-  TORCH_CHECK(unit_stride(hq), "seqvae fused kernel: rows of contiguous units expected");
-  const T* hqp = hq.data_ptr<T>();
-  const int64_t hq_ld = hq.stride(0);
+  const Mat<T> hqs(hq);
   const T sd_min = static_cast<T>(min_std);
   const Tensor gh = hq.narrow(1, f, g), w_czt = w_cz.t();
   std::vector<Tensor> q_wt, z_wt;
@@ -355,7 +364,7 @@ void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const
     Tensor h = hs[t];
     affine_into(hq, h, w_h, b_h);
     for (int64_t i = 0; i < rows_n; ++i) {  // a_0 = relu(phi_x part + h part)
-      const T *x = pcs.at(t - s0, i), *y = hqp + i * hq_ld;
+      const T *x = pcs.at(t - s0, i), *y = hqs.at(i);
       T* a = a0s.at(t, i);
       _Pragma("omp simd")
       for (int64_t j = 0; j < f; ++j) a[j] = std::max(x[j] + y[j], T(0));
@@ -418,17 +427,6 @@ inline void relu_grad(T* dst, const T* g, const T* act, int64_t n) {
   _Pragma("omp simd")
   for (int64_t j = 0; j < n; ++j) dst[j] = act[j] > T(0) ? g[j] : T(0);
 }
-
-// The rows of a (rows, units) tensor: the pointer to row i
-template <typename T>
-struct Mat {
-  T* p;
-  int64_t sr;
-  explicit Mat(const Tensor& t) : p(t.data_ptr<T>()), sr(t.stride(0)) {
-    TORCH_CHECK(t.dim() == 2 && unit_stride(t), "seqvae fused kernel: rows of contiguous units expected");
-  }
-  T* at(int64_t i) const { return p + i * sr; }
-};
 
 // The VRNN's steps [s0, s0 + n) in reverse for one block of rows (fused.py _vrnn_backward): the
 // gradients of each step into the chunk's buffers (row k = t - s0); dh (and dc) carried from
@@ -498,10 +496,13 @@ std::vector<Tensor> vrnn_back_steps(
       T* z = dzm.at(i);
       T* o = douts.at(k, i);
       const T *e = epss.at(t, i), *pre = outs.at(t, i);
+      const T* dzo = dz_out_s ? dz_out_s->at(t, i) : nullptr;
+      const T* dlo = dloc_s ? dloc_s->at(t, i) : nullptr;
+      const T* dso = dscale_s ? dscale_s->at(t, i) : nullptr;
       for (int64_t j = 0; j < nz; ++j) {
-        const T dzj = dz_out_s ? z[j] + dz_out_s->at(t, i)[j] : z[j];
-        o[j] = dloc_s ? dzj + dloc_s->at(t, i)[j] : dzj;
-        const T dscale = dscale_s ? dscale_s->at(t, i)[j] + dzj * e[j] : dzj * e[j];
+        const T dzj = dzo != nullptr ? z[j] + dzo[j] : z[j];
+        o[j] = dlo != nullptr ? dzj + dlo[j] : dzj;
+        const T dscale = dso != nullptr ? dso[j] + dzj * e[j] : dzj * e[j];
         o[nz + j] = dscale * sigmoid_<T>(pre[nz + j]);
       }
     }
