@@ -565,21 +565,24 @@ def _gru_backward(dh: Tensor, acts: Tensor, ghn: Tensor, h: Tensor, dgi: Tensor,
 CHUNK = 64  # VRNN steps per block of the batched products inside the pass (phi_x's maps, the weight gradients)
 
 
-def _vrnn_forward(fx, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_seq, gates_seq, tc_seq, post_c, cell_c, hq,
+def _vrnn_forward(fx, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_seq, gates_seq, tc_seq, hq,
                   w_px, b_px, w_cx, b_cx, w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std, chunk) -> None:
-    """The VRNN's forward loop (csrc/fused.cpp `vrnn_forward`, in Python): fills the buffers."""
+    """The VRNN's forward loop (csrc/fused.cpp `vrnn_forward`, in Python): fills the buffers.
+
+    phi_x's shares of the q-net's first layer and of the cell's gates are written for a chunk
+    of steps at once straight into the step buffers they start (acts[0], gates_seq); the
+    biases are added step by step with the h parts (no bias copied into an output first)."""
     steps, b, f = fx.shape
     nz, g, d = eps.shape[2], w_cx.shape[0], hs.shape[2]
     for s0 in range(0, steps, chunk):
         n = min(chunk, steps - s0)
         fx_c = fx[s0 : s0 + n].reshape(n * b, f)
-        pc, cc = post_c[:n], cell_c[:n]
-        torch.addmm(b_px, fx_c, w_px.t(), out=pc.view(n * b, f))  # phi_x's share of the q-net's first layer
-        torch.addmm(b_cx, fx_c, w_cx.t(), out=cc.view(n * b, g))  # and of the cell's gates
+        torch.mm(fx_c, w_px.t(), out=acts[0][s0 : s0 + n].view(n * b, f))  # phi_x's share of the q-net's first layer
+        torch.mm(fx_c, w_cx.t(), out=gates_seq[s0 : s0 + n].view(n * b, g))  # and of the cell's gates
         for t in range(s0, s0 + n):
             h = hs[t]
-            _linear(h, w_h, b_h, hq)
-            a = torch.add(pc[t - s0], hq[:, :f], out=acts[0][t]).relu_()
+            torch.mm(h, w_h.t(), out=hq)
+            a = acts[0][t].add_(hq[:, :f]).add_(b_px).relu_()
             for i in range(1, len(q_w)):
                 a = _linear(a, q_w[i - 1], q_b[i - 1], acts[i][t]).relu_()
             out = _linear(a, q_w[-1], q_b[-1], out_seq[t])
@@ -587,8 +590,10 @@ def _vrnn_forward(fx, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_s
             fz = torch.addcmul(out[:, :nz], scale, eps[t].normal_(), out=z_seq[t])
             for l in range(len(z_w)):
                 fz = _linear(fz, z_w[l], z_b[l], fzs[l][t]).relu_()
-            gi = torch.addmm(cc[t - s0], fz, w_cz.t(), out=gates_seq[t])
+            gi = gates_seq[t].addmm_(fz, w_cz.t()).add_(b_cx)
             gh = hq[:, f : f + g]
+            if b_h is not None:
+                gh.add_(b_h[f:])
             if lstm:
                 lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t])
             else:
@@ -702,7 +707,7 @@ class _VRNNSequence(Function):
             **{f"f{i}": (0, b, f) for i in range(n_z - 1)},  # phi_z's (the last is an output)
             "eps": (0, b, nz), "gates": (0, b, g), "tc": (0, b, d) if lstm else (0, 0),
         }, fx, fixed={  # one chunk's worth
-            "post": (chunk, b, f), "cell": (chunk, b, g), "H": (b, f + g),
+            "H": (b, f + g),
             "dH": (chunk, b, f + g), "dgates": (chunk, b, g), "dout": (chunk, b, 2 * nz),
             **{f"dq{i}": (chunk, b, f) for i in range(n_q - 1)}, **{f"dz{i}": (chunk, b, f) for i in range(n_z)},
         })
@@ -720,7 +725,7 @@ class _VRNNSequence(Function):
         acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
         native = _native()
         args = (fx, mask, hs, w["c"], w["ghn"], acts, fzs, out_seq, scale_seq, w["eps"], z_seq, w["gates"], w["tc"],
-                w["post"], w["cell"], w["H"], weights[0], weights[1], weights[2], weights[3], weights[4], b_h,
+                w["H"], weights[0], weights[1], weights[2], weights[3], weights[4], b_h,
                 q_w, q_b, z_w, z_b, weights[5], lstm, MIN_STD, chunk)
         blocks = _blocks(b) if native is not None else 1  # C++: the batch in blocks of rows, one thread each
         if native is not None:

@@ -97,14 +97,26 @@ inline void check_rows(std::initializer_list<const Tensor*> ts) {
   for (const Tensor* t : ts) TORCH_CHECK(t->dim() == 2 && unit_stride(*t), "seqvae fused kernel: rows of contiguous units expected");
 }
 
+// The rows of a (rows, units) tensor: the pointer to row i
+template <typename T>
+struct Mat {
+  T* p;
+  int64_t sr;
+  explicit Mat(const Tensor& t) : p(t.data_ptr<T>()), sr(t.stride(0)) {
+    TORCH_CHECK(t.dim() == 2 && unit_stride(t), "seqvae fused kernel: rows of contiguous units expected");
+  }
+  T* at(int64_t i) const { return p + i * sr; }
+};
+
 // gi (b, 3d) becomes [sigmoid(r), sigmoid(u), n]; h_out = n + u (h - n); ghn_out = gh's n block (for the backward)
 void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Tensor ghn_out) {
   const int64_t b = h.size(0), d = h.size(1);
   check_rows({&gi, &gh, &h, &h_out, &ghn_out});
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "gru_forward", [&] {
+    const Mat<scalar_t> gis(gi), outs(h_out), kns(ghn_out), ks(gh), hps(h);
     rows(b, d, [&](int64_t i) {
-      scalar_t *g = row<scalar_t>(gi, i), *out = row<scalar_t>(h_out, i), *kn = row<scalar_t>(ghn_out, i);
-      const scalar_t *k = row<scalar_t>(gh, i), *hp = row<scalar_t>(h, i);
+      scalar_t *g = gis.at(i), *out = outs.at(i), *kn = kns.at(i);
+      const scalar_t *k = ks.at(i), *hp = hps.at(i);
       _Pragma("omp simd")
       for (int64_t j = 0; j < d; ++j) {
         const scalar_t r = sigmoid_<scalar_t>(g[j] + k[j]);
@@ -128,10 +140,11 @@ Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, con
   Tensor dh_direct = at::empty_like(dhc);
   check_rows({&acts, &ghn, &h, &dgi, &dgh});
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
+    const Mat<scalar_t> as(acts), kns(ghn), hps(h), gs(dhc), dis(dgi), dks(dgh), dds(dh_direct);
     rows(b, d, [&](int64_t i) {
-      const scalar_t *a = row<scalar_t>(acts, i), *kn = row<scalar_t>(ghn, i), *hp = row<scalar_t>(h, i);
-      const scalar_t* g = row<scalar_t>(dhc, i);
-      scalar_t *di = row<scalar_t>(dgi, i), *dk = row<scalar_t>(dgh, i), *dd = row<scalar_t>(dh_direct, i);
+      const scalar_t *a = as.at(i), *kn = kns.at(i), *hp = hps.at(i);
+      const scalar_t* g = gs.at(i);
+      scalar_t *di = dis.at(i), *dk = dks.at(i), *dd = dds.at(i);
       _Pragma("omp simd")
       for (int64_t j = 0; j < d; ++j) {
         const scalar_t r = a[j], u = a[d + j], n = a[2 * d + j];
@@ -310,17 +323,6 @@ struct Seq {
   T* at(int64_t t, int64_t i) const { return p + t * st + i * sr; }
 };
 
-// The rows of a (rows, units) tensor: the pointer to row i
-template <typename T>
-struct Mat {
-  T* p;
-  int64_t sr;
-  explicit Mat(const Tensor& t) : p(t.data_ptr<T>()), sr(t.stride(0)) {
-    TORCH_CHECK(t.dim() == 2 && unit_stride(t), "seqvae fused kernel: rows of contiguous units expected");
-  }
-  T* at(int64_t i) const { return p + i * sr; }
-};
-
 // y = relu(y + bias) over the rows of y (rows, units), in place (the product before it wrote x w^T)
 template <typename T>
 inline void bias_relu(const Tensor& y, const Tensor& bias) {
@@ -334,40 +336,78 @@ inline void bias_relu(const Tensor& y, const Tensor& bias) {
   }
 }
 
+// log(1 + y) for y >= 0 in float by a Cephes-style polynomial (relative error ~2e-7) that the
+// compiler vectorizes (libm's log1pf is a call per element); double: std::log1p
+template <typename T>
+SEQVAE_INLINE T log1p_(T y) {
+  return std::log1p(y);
+}
+
+template <>
+SEQVAE_INLINE float log1p_<float>(float y) {
+  const float u = 1.0f + y;
+  int32_t bits;
+  std::memcpy(&bits, &u, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 126;  // u = m 2^e with m in [0.5, 1)
+  bits = (bits & 0x007fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  if (m < 0.70710678f) {  // m in [sqrt(1/2), sqrt(2)) from here
+    m += m;
+    e -= 1;
+  }
+  const float x = m - 1.0f, z = x * x;
+  float p = 7.0376836292e-2f;
+  p = std::fma(p, x, -1.1514610310e-1f);
+  p = std::fma(p, x, 1.1676998740e-1f);
+  p = std::fma(p, x, -1.2420140846e-1f);
+  p = std::fma(p, x, 1.4249322787e-1f);
+  p = std::fma(p, x, -1.6668057665e-1f);
+  p = std::fma(p, x, 2.0000714765e-1f);
+  p = std::fma(p, x, -2.4999993993e-1f);
+  p = std::fma(p, x, 3.3333331174e-1f);
+  const float fe = static_cast<float>(e);
+  float r = x * z * p + fe * -2.12194440e-4f - 0.5f * z + x + fe * 0.693359375f;  // log(u)
+  // u - 1 is exact (Sterbenz) for u < 2; log(u) (y / (u - 1)) corrects for the rounding of 1 + y
+  const float d = u - 1.0f;
+  return d == 0.0f ? y : r * (y / d);
+}
+
 // softplus(x) with torch's threshold (x above 20: x itself)
 template <typename T>
-inline T softplus_(T x) {
-  return x > T(20) ? x : std::log1p(std::exp(x));
+SEQVAE_INLINE T softplus_(T x) {
+  return x > T(20) ? x : log1p_<T>(exp_<T>(x));
 }
 
 // The VRNN's steps [s0, s0 + n) for one block of rows (fused.py _vrnn_forward), given the
-// chunk's phi_x parts of the posterior's first layer (pc) and of the cell's gates (cc). The
-// products are ATen's (their output rows written in place); what lies between them (biases,
+// chunk's phi_x parts of the posterior's first layer and of the cell's gates, already written
+// into acts[0] and gates_seq (without their biases). The products are ATen's (their output rows written in place); what lies between them (biases,
 // activations, the reparameterised sample) is done in raw loops over the rows.
 template <typename T>
-void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const c10::optional<Tensor>& mask,
-                Tensor hs, Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs,
-                Tensor out_seq, Tensor scale_seq, const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq,
-                Tensor hq, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
+void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
+                const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq, Tensor scale_seq,
+                const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor hq, const Tensor& b_px,
+                const Tensor& b_cx, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
                 const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
                 const Tensor& w_cz, bool lstm, double min_std) {
-  const int64_t nz = eps.size(2), f = pc.size(2), g = cc.size(2), rows_n = hq.size(0);
+  const int64_t nz = eps.size(2), f = acts[0].size(2), g = gates_seq.size(2), rows_n = hq.size(0);
   const size_t n_q = q_w.size();
-  const Seq<T> pcs(pc), a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq);
+  const Seq<T> a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq), gates(gates_seq);
   const Mat<T> hqs(hq);
   const T sd_min = static_cast<T>(min_std);
-  const Tensor gh = hq.narrow(1, f, g), w_czt = w_cz.t();
+  const T *bp = b_px.data_ptr<T>(), *bc = b_cx.data_ptr<T>(), *bh = b_h.has_value() ? b_h->data_ptr<T>() + f : nullptr;
+  const Tensor gh = hq.narrow(1, f, g), w_ht = w_h.t(), w_czt = w_cz.t();
   std::vector<Tensor> q_wt, z_wt;
   for (const Tensor& w : q_w) q_wt.push_back(w.t());
   for (const Tensor& w : z_w) z_wt.push_back(w.t());
   for (int64_t t = s0; t < s0 + n; ++t) {
     Tensor h = hs[t];
-    affine_into(hq, h, w_h, b_h);
-    for (int64_t i = 0; i < rows_n; ++i) {  // a_0 = relu(phi_x part + h part)
-      const T *x = pcs.at(t - s0, i), *y = hqs.at(i);
+    at::mm_out(hq, h, w_ht);
+    for (int64_t i = 0; i < rows_n; ++i) {  // a_0 = relu(phi_x part + h part + bias), the phi_x part already in a_0
+      const T* y = hqs.at(i);
       T* a = a0s.at(t, i);
       _Pragma("omp simd")
-      for (int64_t j = 0; j < f; ++j) a[j] = std::max(x[j] + y[j], T(0));
+      for (int64_t j = 0; j < f; ++j) a[j] = std::max(a[j] + y[j] + bp[j], T(0));
     }
     Tensor a = acts[0][t];
     for (size_t i = 1; i < n_q; ++i) {
@@ -382,7 +422,9 @@ void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const
     for (int64_t i = 0; i < rows_n; ++i) {  // [loc, s~] + bias; scale = softplus(s~) + min; z = loc + scale eps
       T *o = outs.at(t, i), *sc = scales.at(t, i), *z = zs.at(t, i);
       const T* e = epss.at(t, i);
+      _Pragma("omp simd")
       for (int64_t j = 0; j < 2 * nz; ++j) o[j] += qb[j];
+      _Pragma("omp simd")
       for (int64_t j = 0; j < nz; ++j) {
         sc[j] = softplus_<T>(o[nz + j]) + sd_min;
         z[j] = o[j] + sc[j] * e[j];
@@ -396,9 +438,18 @@ void vrnn_steps(int64_t s0, int64_t n, const Tensor& pc, const Tensor& cc, const
       fz = fl;
     }
     Tensor gi = gates_seq[t];
-    at::addmm_out(gi, cc[t - s0], fz, w_czt);
+    gi.addmm_(fz, w_czt);  // onto phi_x's share, written there for the chunk
+    for (int64_t i = 0; i < rows_n; ++i) {  // + the input bias; the h part + its bias (LSTM: added to the gates)
+      T *x = gates.at(t, i), *k = hqs.at(i) + f;
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < g; ++j) {
+        x[j] += bc[j];
+        if (bh != nullptr) k[j] += bh[j];
+        if (lstm) x[j] += k[j];
+      }
+    }
     if (lstm) {
-      lstm_forward(gi.add_(gh), cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
+      lstm_forward(gi, cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
     } else {
       gru_forward(gi, gh, h, hs[t + 1], ghn[t]);
     }
@@ -541,7 +592,7 @@ std::vector<Tensor> vrnn_back_steps(
 // drawn here, step by step, before the loops (the step loop's random numbers).
 void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
                   std::vector<Tensor> acts, std::vector<Tensor> fzs, Tensor out_seq, Tensor scale_seq, Tensor eps,
-                  Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor post_c, Tensor cell_c, Tensor hq,
+                  Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor hq,
                   const Tensor& w_px, const Tensor& b_px, const Tensor& w_cx, const Tensor& b_cx, const Tensor& w_h,
                   const c10::optional<Tensor>& b_h, std::vector<Tensor> q_w, std::vector<Tensor> q_b,
                   std::vector<Tensor> z_w, std::vector<Tensor> z_b, const Tensor& w_cz, bool lstm, double min_std,
@@ -551,16 +602,17 @@ void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs
   for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
     const int64_t n = std::min(chunk, steps - s0);
     Tensor fx_c = fx.narrow(0, s0, n).reshape({n * b, f});
-    Tensor pc = post_c.narrow(0, 0, n), cc = cell_c.narrow(0, 0, n);
-    at::addmm_out(lv(pc.view({n * b, f})), b_px, fx_c, w_px.t());
-    at::addmm_out(lv(cc.view({n * b, g})), b_cx, fx_c, w_cx.t());
+    // phi_x's shares straight into the buffers they start (the biases are added per step)
+    at::mm_out(lv(acts[0].narrow(0, s0, n).view({n * b, f})), fx_c, w_px.t());
+    at::mm_out(lv(gates_seq.narrow(0, s0, n).view({n * b, g})), fx_c, w_cx.t());
     by_blocks(b, blocks, [&](int64_t, int64_t lo, int64_t rows) {
       auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, rows, b); };
       auto rs = [&](const std::vector<Tensor>& ts) { return rows_of(ts, 1, lo, rows, b); };
       AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "vrnn_forward", [&] {
-        vrnn_steps<scalar_t>(s0, n, r(pc), r(cc), rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts),
-                             rs(fzs), r(out_seq), r(scale_seq), r(eps), r(z_seq), r(gates_seq), r(tc_seq),
-                             rows_of(hq, 0, lo, rows, b), w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std);
+        vrnn_steps<scalar_t>(s0, n, rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs),
+                             r(out_seq), r(scale_seq), r(eps), r(z_seq), r(gates_seq), r(tc_seq),
+                             rows_of(hq, 0, lo, rows, b), b_px, b_cx, w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm,
+                             min_std);
       });
     });
   }
