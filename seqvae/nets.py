@@ -15,14 +15,93 @@ the observations for all steps at once, outside its time loop:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
+from .gemm import affine
 from .linear import BlockLinear, StepLinear
 
 __all__ = ["MLP", "MLPHead", "GaussianNet", "MIN_STD"]
 
 MIN_STD = 1e-4  # added to every softplus standard deviation, so that it never reaches zero
+
+
+class _Chain(Function):
+    """A network's layers over inputs batched over steps, (..., in), as one Function.
+
+    relu(...relu([x_0, x_1, ...] W_0^T + b_0)...) W_L^T + b_L (and a last ReLU with last_relu),
+    the first layer's inputs given one tensor each (their blocks of W_0's columns). Autograd
+    would keep each layer's product, bias sum, ReLU and (for several inputs) their sum as
+    separate nodes with separate outputs; here the ReLUs act in place on the products'
+    outputs, the inputs' products add into one output, and the backward reuses its gradient
+    buffer for the ReLUs' gradients. Forward products and the inputs' gradients use the
+    kernels gemm.py measured fastest (`affine`).
+    """
+
+    @staticmethod
+    def forward(ctx, sizes: tuple, last_relu: bool, *args: Tensor) -> Tensor:
+        n = len(sizes)
+        inputs, params = args[:n], args[n:]
+        xs = [x.reshape(-1, x.shape[-1]) for x in inputs]
+        w0 = params[0]
+        ends = [sum(sizes[: i + 1]) for i in range(n)]
+        blocks = [w0[:, e - k : e] for e, k in zip(ends, sizes)]
+        a = affine(xs[0], blocks[0], params[1])
+        for x, w in zip(xs[1:], blocks[1:]):
+            a.addmm_(x, w.t())
+        acts = []  # each hidden layer's ReLU output (the next layer's input)
+        for w, b in zip(params[2::2], params[3::2]):
+            acts.append(a.relu_())
+            a = affine(a, w, b)
+        if last_relu:
+            a.relu_()
+        ctx.sizes, ctx.last_relu, ctx.shapes = sizes, last_relu, [x.shape for x in inputs]
+        ctx.save_for_backward(*xs, *acts, *params[0::2], *([a] if last_relu else []))
+        return a  # (rows, out): viewed (..., out) outside, so that the view may be changed in place
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        sizes, n = ctx.sizes, len(ctx.sizes)
+        saved = ctx.saved_tensors
+        layers = (len(ctx.needs_input_grad) - 2 - n) // 2
+        xs, acts, ws = saved[:n], saved[n : n + layers - 1], saved[n + layers - 1 : n + 2 * layers - 1]
+        needs = ctx.needs_input_grad[2:]
+        g = grad.reshape(-1, grad.shape[-1])
+        if ctx.last_relu:
+            g = torch.ops.aten.threshold_backward(g, saved[-1], 0)
+        param_grads: list = []
+        for i in reversed(range(1, layers)):
+            w, act = ws[i], acts[i - 1]
+            gw = g.t() @ act if needs[n + 2 * i] else None
+            gb = g.sum(0) if needs[n + 2 * i + 1] else None
+            param_grads = [gw, gb] + param_grads
+            g = affine(g, w.t())
+            torch.ops.aten.threshold_backward.grad_input(g, act, 0, grad_input=g)  # in place
+        ends = [sum(sizes[: i + 1]) for i in range(n)]
+        w0 = ws[0]
+        gw0 = torch.cat([g.t() @ x for x in xs], 1) if needs[n] else None
+        gb0 = g.sum(0) if needs[n + 1] else None
+        gxs = [affine(g, w0[:, e - k : e].t()).view(shape) if needs[i] else None
+               for i, (e, k, shape) in enumerate(zip(ends, sizes, ctx.shapes))]
+        return None, None, *gxs, gw0, gb0, *param_grads
+
+
+def _chained(inputs: tuple, layers, last_relu: bool) -> bool:
+    """Whether to run the layers as one _Chain: inputs batched over steps (3-D or more), and
+    neither autocast (which casts per operation) nor a compiled graph (which fuses itself)."""
+    x = inputs[0]
+    return (x.dim() >= 3 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+            and all(isinstance(layer, StepLinear) for layer in layers))
+
+
+def _chain(inputs: tuple, layers, last_relu: bool, sizes: tuple) -> Tensor:
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    out = _Chain.apply(sizes, last_relu, *inputs, *params)
+    return out.view(*inputs[0].shape[:-1], out.shape[-1])
 
 
 class MLP(nn.Module):
@@ -33,6 +112,8 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(StepLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _chained((x,), self.layers, True):
+            return _chain((x,), self.layers, True, (x.shape[-1],))
         for layer in self.layers:
             x = F.relu(layer(x))
         return x
@@ -48,6 +129,8 @@ class MLPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., sum in_sizes), the inputs concatenated."""
+        if _chained((x,), self.layers, False):
+            return _chain((x,), self.layers, False, (x.shape[-1],))
         return self.finish(self.layers[0](x))
 
     def project(self, i: int, x: Tensor, *, bias: bool = False) -> Tensor:
@@ -57,7 +140,12 @@ class MLPHead(nn.Module):
     def over(self, *inputs: Tensor) -> Tensor:
         """The network on its inputs given one tensor each, (..., in_sizes[i]): forward(cat(inputs))
         without the concatenated copy (for inputs batched over every step, a sizeable one)."""
-        return self.finish(sum(self.project(i, x, bias=i == 0) for i, x in enumerate(inputs)))
+        if _chained(inputs, self.layers, False):
+            return _chain(inputs, self.layers, False, self.layers[0].in_sizes)
+        first = self.project(0, inputs[0], bias=True)
+        for i, x in enumerate(inputs[1:], 1):
+            first = first + self.project(i, x)
+        return self.finish(first)
 
     def finish(self, first: Tensor) -> Tensor:
         """The rest of the network given the first layer's pre-activation."""

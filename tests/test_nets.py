@@ -1,0 +1,87 @@
+"""The networks' layers over inputs batched over steps run as one Function (nets._Chain): the
+same values and gradients as the layers one by one, which autograd differentiates."""
+
+import pytest
+import torch
+
+from seqvae import nets
+from seqvae.nets import MLP, GaussianNet, MLPHead
+
+
+def _run(fn, inputs, module, chained: bool, monkeypatch):
+    """fn's output and the gradients of a fixed random weighting of it, w.r.t. inputs and parameters."""
+    if not chained:
+        monkeypatch.setattr(nets, "_chained", lambda *a: False)
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    module.zero_grad(set_to_none=True)
+    out = fn(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    loss.backward()
+    monkeypatch.undo()
+    return [o.detach() for o in outs], [x.grad for x in xs], [p.grad.clone() for p in module.parameters()]
+
+
+CASES = {
+    "MLP (ReLU after every layer)": (lambda: MLP([7, 5, 6]), lambda m: m, [(4, 3, 7)]),
+    "MLPHead, one input": (lambda: MLPHead([7], [5, 6, 3]), lambda m: m, [(4, 3, 7)]),
+    "MLPHead, one layer": (lambda: MLPHead([7], [3]), lambda m: m, [(2, 4, 3, 7)]),
+    "MLPHead.over, two inputs": (lambda: MLPHead([7, 2], [5, 5, 3]), lambda m: m.over, [(4, 3, 7), (4, 3, 2)]),
+    "GaussianNet": (lambda: GaussianNet([6], [5], 2), lambda m: m, [(3, 4, 6)]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chain_equals_the_layers_one_by_one(case, monkeypatch):
+    make, call, shapes = CASES[case]
+    torch.manual_seed(0)
+    module = make().double()
+    with torch.no_grad():  # biases away from zero and ReLUs both on and off
+        for p in module.parameters():
+            p.normal_()
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    fn = call(module)
+    applied = []
+    chain_apply = nets._Chain.apply
+    monkeypatch.setattr(nets._Chain, "apply", lambda *a: applied.append(1) or chain_apply(*a))
+    got = _run(fn, inputs, module, True, monkeypatch)  # (undoes the spy)
+    assert applied == [1]  # the chained run did run as one Function
+    expected = _run(fn, inputs, module, False, monkeypatch)
+    for a, b in zip(sum(got, []), sum(expected, [])):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    relu_in = module.layers[0] if isinstance(module, (MLP, MLPHead)) else module.net.layers[0]
+    assert relu_in.weight.grad is not None and relu_in.weight.grad.abs().sum() > 0
+
+
+def test_chain_passes_gradcheck():
+    torch.manual_seed(0)
+    net = MLPHead([3, 2], [4, 4, 2]).double()
+    xs = (torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True),
+          torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True))
+    params = [p for layer in net.layers for p in (layer.weight, layer.bias)]
+    assert torch.autograd.gradcheck(lambda a, b, *ps: nets._Chain.apply((3, 2), False, a, b, *ps), (*xs, *params))
+    relu_net = MLP([3, 4, 2]).double()  # ReLU after the last layer too
+    params = [p for layer in relu_net.layers for p in (layer.weight, layer.bias)]
+    assert torch.autograd.gradcheck(lambda a, *ps: nets._Chain.apply((3,), True, a, *ps), (xs[0], *params))
+
+
+def test_chain_output_changed_in_place_is_refused_in_backward():
+    net = MLP([3, 4]).double()
+    y = net(torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True))
+    y.mul_(2)  # the saved ReLU output (the last layer's) is this tensor
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_per_step_inputs_keep_the_layers_path(monkeypatch):
+    """2-D inputs (one step) are left to the layers (inside a time loop their weight gradients are
+    batched by linear.unrolled)."""
+    calls = []
+    monkeypatch.setattr(nets._Chain, "apply", lambda *a: calls.append(a) or torch.zeros(5, 2))
+    net = MLPHead([3], [4, 2])
+    net(torch.randn(5, 3))
+    assert calls == []
+    net(torch.randn(1, 5, 3))
+    assert len(calls) == 1
