@@ -130,13 +130,19 @@ def interleaved(fns: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
     return times
 
 
+def in_child(child: str, case: str, name: str, argv: list[str]) -> list[str]:
+    """The last line of what child(case, name) (memory_child or flops_child) prints, split, run in
+    a fresh process: what it measures leaves nothing behind in the process that times the steps."""
+    code = "import sys; sys.argv = ['bench_peers'] + %r; import bench_peers as b; b.%s(%r, %r)" % (argv, child, case, name)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parent))
+    return out.stdout.splitlines()[-1].split()
+
+
 def memory(case: str, name: str, argv: list[str]) -> tuple[float, int]:
     """(peak resident-memory growth over a step in MB, page faults per step) of one
     implementation, measured in a fresh process (memory_child)."""
-    code = "import sys; sys.argv = ['bench_peers'] + %r; import bench_peers as b; b.memory_child(%r, %r)" % (argv, case, name)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(Path(__file__).resolve().parent))
-    peak, faults = out.stdout.split()[-2:]
+    peak, faults = in_child("memory_child", case, name, argv)
     return float(peak), int(faults)
 
 
@@ -177,6 +183,16 @@ def memory_child(case: str, name: str) -> None:
     print(_status_mb("VmHWM") - before, faults)
 
 
+def flops_child(case: str, name: str) -> None:
+    """In a fresh process: the FLOP of one step's matrix products (_timing.step_flops, which runs
+    the step under a Python dispatch mode with seqvae's kernels forced to ATen's; in the timing
+    process, steps timed after it were seen up to 20% slower, not reproducibly)."""
+    args = parse(sys.argv[1:])
+    torch.set_num_threads(args.threads)
+    _, fns = build_cases(args)[case]
+    print(step_flops(fns[name]))
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--draw", default="", help="path to kamenbliznashki/generative_models/draw.py")
@@ -206,7 +222,8 @@ def main(argv=None) -> int:
                 rss, faults = memory(key, name, sys.argv[1:] if argv is None else argv)
                 line += f"  peak memory +{rss:.0f} MB, {faults} page faults per step"
             print(line)
-            print(f"    {flop_report(step_flops(fns[name]), ms / 1e3, peak)}")
+            flops = float(in_child("flops_child", key, name, sys.argv[1:] if argv is None else argv)[0])
+            print(f"    {flop_report(flops, ms / 1e3, peak)}")
         names = list(medians)
         for other in names[1:]:
             print(f"  speed-up of seqvae over {other}: {medians[other] / medians['seqvae']:.2f}x")

@@ -51,7 +51,7 @@ class _Chain(Function):
         blocks = [w0[:, e - k : e] for e, k in zip(ends, sizes)]
         a = affine(xs[0], blocks[0], params[1])
         for x, w in zip(xs[1:], blocks[1:]):
-            a.addmm_(x, w.t())
+            torch.addmm(a, x, w.t(), out=a)  # (= a.addmm_, in place; as addmm, FLOP counters see it)
         acts = []  # each hidden layer's ReLU output (the next layer's input)
         for w, b in zip(params[2::2], params[3::2]):
             acts.append(a.relu_())
