@@ -688,12 +688,14 @@ class _VRNNSequence(Function):
     """The VRNN's pass (vrnn.py's precompute from phi_x(x), then the step) over T steps with a
     hand-written backward; see the module docstring.
 
-    Per step, with H = h_{t-1} [W_q,h; W_cell,h]^T (+ the GRU's hidden bias) one product:
-        q-net:  a_0 = relu(phi_x W_q,x^T + b + H_q), a_l = relu(a_{l-1} W_l^T + b_l), [loc, s~] = a_L W^T + b
+    Per step, with H = h_{t-1} [W_q,h; W_cell,h]^T one product (the GRU's hidden bias added to
+    H_cell after it):
+        q-net:  a_0 = relu(phi_x W_q,x^T + H_q + b), a_l = relu(a_{l-1} W_l^T + b_l), [loc, s~] = a_L W^T + b
         z_t = loc + (softplus(s~) + 1e-4) eps_t;  phi_z: f_l = relu(f_{l-1} W_l^T + b_l), f_0 = z_t
-        gates = phi_x W_cell,x^T + b + phi_z(z_t) W_cell,z^T (+ H_cell);  the GRU or LSTM update;
+        gates = phi_x W_cell,x^T + phi_z(z_t) W_cell,z^T + b (+ H_cell);  the GRU or LSTM update;
         masked steps keep h.
-    The phi_x products are done CHUNK steps at a time, and so are the weights' gradients in the
+    The phi_x products are done CHUNK steps at a time (written into the step buffers a_0 and
+    gates start from; the biases are added per step), and so are the weights' gradients in the
     backward, so that only what the backward reads is kept for all T steps (the gradients of a
     step live for one chunk). The loops run in C++ where it is built (`_native`).
     """
@@ -791,7 +793,9 @@ def _cpu_id() -> str:
     return "\n".join(sorted(lines)) + f"\n{platform.machine()} {platform.processor()}"
 
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]  # OpenMP: ATen's parallel_for is inline
+# OpenMP: ATen's parallel_for is inline. -fno-trapping-math: the compiler may compute both sides
+# of a selection (log1p_'s division, softplus_), so that such loops vectorize; no value changes
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
 
 
 def _build(cpp_extension, source: Path):

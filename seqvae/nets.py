@@ -79,11 +79,15 @@ class _Chain(Function):
             gw = g.t() @ act if needs[n + 2 * i] else None
             gb = g.sum(0) if needs[n + 2 * i + 1] else None
             param_grads = [gw, gb] + param_grads
+            if not any(needs[: n + 2 * i]):  # nothing below this layer needs a gradient (frozen layers)
+                return None, None, *([None] * (n + 2 * i)), *param_grads
             g = affine(g, w.t())
             torch.ops.aten.threshold_backward.grad_input(g, act, 0, grad_input=g)  # in place
         ends = [sum(sizes[: i + 1]) for i in range(n)]
         w0 = ws[0]
-        gw0 = torch.cat([g.t() @ x for x in xs], 1) if needs[n] else None
+        gw0 = None
+        if needs[n]:
+            gw0 = g.t() @ xs[0] if n == 1 else torch.cat([g.t() @ x for x in xs], 1)
         gb0 = g.sum(0) if needs[n + 1] else None
         gxs = [affine(g, w0[:, e - k : e].t()).view(shape) if needs[i] else None
                for i, (e, k, shape) in enumerate(zip(ends, sizes, ctx.shapes))]
@@ -91,10 +95,15 @@ class _Chain(Function):
 
 
 def _chained(inputs: tuple, layers, last_relu: bool) -> bool:
-    """Whether to run the layers as one _Chain: inputs batched over steps (3-D or more), and
-    neither autocast (which casts per operation) nor a compiled graph (which fuses itself)."""
+    """Whether to run the layers as one _Chain: inputs batched over steps (3-D or more) with the
+    same leading dimensions (the layers' own path broadcasts others), at least one layer, and
+    neither autocast (which casts per operation), a compiled graph (which fuses itself), nor a
+    torch.func transform (vmap, grad, jvp: _Chain has a hand-written backward only, once
+    differentiable; so does double backward fail through it)."""
     x = inputs[0]
-    return (x.dim() >= 3 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+    return (x.dim() >= 3 and len(layers) > 0 and all(t.shape[:-1] == x.shape[:-1] for t in inputs[1:])
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+            and not torch._C._are_functorch_transforms_active()
             and all(isinstance(layer, StepLinear) for layer in layers))
 
 

@@ -85,3 +85,46 @@ def test_per_step_inputs_keep_the_layers_path(monkeypatch):
     assert calls == []
     net(torch.randn(1, 5, 3))
     assert len(calls) == 1
+
+
+def test_inputs_with_different_leading_dimensions_keep_the_layers_path(monkeypatch):
+    """over() broadcasts its inputs like the layers do (the chain flattens each to rows: it would
+    pair rows wrongly or fail), and a network without layers passes its input through."""
+    calls = []
+    chain_apply = nets._Chain.apply
+    monkeypatch.setattr(nets._Chain, "apply", lambda *a: calls.append(1) or chain_apply(*a))
+    torch.manual_seed(0)
+    net = MLPHead([4, 3], [5, 2]).double()
+    x, h = torch.randn(6, 5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    expected = net(torch.cat([x, h.expand(6, 5, 3)], -1))
+    assert torch.allclose(net.over(x, h), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError):  # (6, 5) against (5, 6): no broadcast, as with the layers
+        net.over(x, torch.randn(5, 6, 3, dtype=torch.float64))
+    y = torch.randn(2, 3, 4)
+    assert MLP([4])(y) is y
+    assert calls == [1]  # only the concatenated forward above ran as one Function
+
+
+@pytest.mark.parametrize("frozen", ["input", "input and first layer", "everything but the last layer"])
+def test_frozen_layers_and_inputs_get_no_gradient_and_the_rest_the_right_one(frozen, monkeypatch):
+    torch.manual_seed(0)
+    net = MLPHead([7, 2], [5, 5, 3]).double()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 3, 7, generator=g, dtype=torch.float64), torch.randn(4, 3, 2, generator=g, dtype=torch.float64)]
+    frozen_params = {"input": [], "input and first layer": list(net.layers[0].parameters()),
+                     "everything but the last layer": list(net.layers[0].parameters()) + list(net.layers[1].parameters())}[frozen]
+    for p in frozen_params:
+        p.requires_grad_(False)
+    results = []
+    for chained in (True, False):
+        if not chained:
+            monkeypatch.setattr(nets, "_chained", lambda *a: False)
+        net.zero_grad(set_to_none=True)
+        out = net.over(*xs)  # the inputs need no gradient
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)).sum().backward()
+        results.append([None if p.grad is None else p.grad.clone() for p in net.parameters()])
+        monkeypatch.undo()
+    for got, expected, p in zip(*results, net.parameters()):
+        assert (got is None) == (expected is None) == (not p.requires_grad)
+        if got is not None:
+            assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)

@@ -336,8 +336,9 @@ inline void bias_relu(const Tensor& y, const Tensor& bias) {
   }
 }
 
-// log(1 + y) for y >= 0 in float by a Cephes-style polynomial (relative error ~2e-7) that the
-// compiler vectorizes (libm's log1pf is a call per element); double: std::log1p
+// log(1 + y) for finite y >= 0 in float by a Cephes-style polynomial (relative error ~2e-7)
+// without branches, so that a loop of it vectorizes (with -fno-trapping-math: the division is
+// computed for every lane, used only where d != 0); double: std::log1p
 template <typename T>
 SEQVAE_INLINE T log1p_(T y) {
   return std::log1p(y);
@@ -348,14 +349,13 @@ SEQVAE_INLINE float log1p_<float>(float y) {
   const float u = 1.0f + y;
   int32_t bits;
   std::memcpy(&bits, &u, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 126;  // u = m 2^e with m in [0.5, 1)
+  const int32_t e0 = ((bits >> 23) & 0xff) - 126;  // u = m 2^e with m in [0.5, 1)
   bits = (bits & 0x007fffff) | 0x3f000000;
-  float m;
-  std::memcpy(&m, &bits, sizeof(m));
-  if (m < 0.70710678f) {  // m in [sqrt(1/2), sqrt(2)) from here
-    m += m;
-    e -= 1;
-  }
+  float m0;
+  std::memcpy(&m0, &bits, sizeof(m0));
+  const bool low = m0 < 0.70710678f;  // then m = 2 m0 in [sqrt(1/2), sqrt(2))
+  const float m = low ? m0 + m0 : m0;
+  const float fe = static_cast<float>(low ? e0 - 1 : e0);
   const float x = m - 1.0f, z = x * x;
   float p = 7.0376836292e-2f;
   p = std::fma(p, x, -1.1514610310e-1f);
@@ -366,23 +366,26 @@ SEQVAE_INLINE float log1p_<float>(float y) {
   p = std::fma(p, x, 2.0000714765e-1f);
   p = std::fma(p, x, -2.4999993993e-1f);
   p = std::fma(p, x, 3.3333331174e-1f);
-  const float fe = static_cast<float>(e);
-  float r = x * z * p + fe * -2.12194440e-4f - 0.5f * z + x + fe * 0.693359375f;  // log(u)
+  const float r = x * z * p + fe * -2.12194440e-4f - 0.5f * z + x + fe * 0.693359375f;  // log(u)
   // u - 1 is exact (Sterbenz) for u < 2; log(u) (y / (u - 1)) corrects for the rounding of 1 + y
   const float d = u - 1.0f;
-  return d == 0.0f ? y : r * (y / d);
+  const float corrected = r * (y / d);
+  return d == 0.0f ? y : corrected;
 }
 
-// softplus(x) with torch's threshold (x above 20: x itself)
+// softplus(x) with torch's threshold (x above 20: x itself); both sides computed, then one
+// chosen, so that a loop of it vectorizes (exp_ clamps its argument: no overflow above 20)
 template <typename T>
 SEQVAE_INLINE T softplus_(T x) {
-  return x > T(20) ? x : log1p_<T>(exp_<T>(x));
+  const T v = log1p_<T>(exp_<T>(x));
+  return x > T(20) ? x : v;
 }
 
 // The VRNN's steps [s0, s0 + n) for one block of rows (fused.py _vrnn_forward), given the
 // chunk's phi_x parts of the posterior's first layer and of the cell's gates, already written
-// into acts[0] and gates_seq (without their biases). The products are ATen's (their output rows written in place); what lies between them (biases,
-// activations, the reparameterised sample) is done in raw loops over the rows.
+// into acts[0] and gates_seq (without their biases). The products are ATen's (their output
+// rows written in place); what lies between them (biases, activations, the reparameterised
+// sample) is done in raw loops over the rows.
 template <typename T>
 void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
                 const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq, Tensor scale_seq,
