@@ -42,13 +42,11 @@ class _Chain(Function):
     """
 
     @staticmethod
-    def forward(ctx, sizes: tuple, last_relu: bool, *args: Tensor) -> Tensor:
-        n = len(sizes)
+    def forward(ctx, slices: tuple, last_relu: bool, *args: Tensor) -> Tensor:
+        n = len(slices)  # the first layer's inputs: their columns of W_0
         inputs, params = args[:n], args[n:]
         xs = [x.reshape(-1, x.shape[-1]) for x in inputs]
-        w0 = params[0]
-        ends = [sum(sizes[: i + 1]) for i in range(n)]
-        blocks = [w0[:, e - k : e] for e, k in zip(ends, sizes)]
+        blocks = [params[0][:, s] for s in slices]
         a = affine(xs[0], blocks[0], params[1])
         for x, w in zip(xs[1:], blocks[1:]):
             torch.addmm(a, x, w.t(), out=a)  # (= a.addmm_, in place; as addmm, FLOP counters see it)
@@ -58,14 +56,14 @@ class _Chain(Function):
             a = affine(a, w, b)
         if last_relu:
             a.relu_()
-        ctx.sizes, ctx.last_relu, ctx.shapes = sizes, last_relu, [x.shape for x in inputs]
+        ctx.slices, ctx.last_relu, ctx.shapes = slices, last_relu, [x.shape for x in inputs]
         ctx.save_for_backward(*xs, *acts, *params[0::2], *([a] if last_relu else []))
         return a  # (rows, out): viewed (..., out) outside, so that the view may be changed in place
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        sizes, n = ctx.sizes, len(ctx.sizes)
+        n = len(ctx.slices)
         saved = ctx.saved_tensors
         layers = (len(ctx.needs_input_grad) - 2 - n) // 2
         xs, acts, ws = saved[:n], saved[n : n + layers - 1], saved[n + layers - 1 : n + 2 * layers - 1]
@@ -83,14 +81,12 @@ class _Chain(Function):
                 return None, None, *([None] * (n + 2 * i)), *param_grads
             g = affine(g, w.t())
             torch.ops.aten.threshold_backward.grad_input(g, act, 0, grad_input=g)  # in place
-        ends = [sum(sizes[: i + 1]) for i in range(n)]
-        w0 = ws[0]
         gw0 = None
         if needs[n]:
             gw0 = g.t() @ xs[0] if n == 1 else torch.cat([g.t() @ x for x in xs], 1)
         gb0 = g.sum(0) if needs[n + 1] else None
-        gxs = [affine(g, w0[:, e - k : e].t()).view(shape) if needs[i] else None
-               for i, (e, k, shape) in enumerate(zip(ends, sizes, ctx.shapes))]
+        gxs = [affine(g, ws[0][:, s].t()).view(shape) if needs[i] else None
+               for i, (s, shape) in enumerate(zip(ctx.slices, ctx.shapes))]
         return None, None, *gxs, gw0, gb0, *param_grads
 
 
@@ -107,9 +103,12 @@ def _chained(inputs: tuple, layers, last_relu: bool) -> bool:
             and all(isinstance(layer, StepLinear) for layer in layers))
 
 
-def _chain(inputs: tuple, layers, last_relu: bool, sizes: tuple) -> Tensor:
+def _chain(inputs: tuple, layers, last_relu: bool) -> Tensor:
+    """The layers as one _Chain; the first layer's inputs as BlockLinear splits its columns."""
+    first = layers[0]
+    slices = tuple(first._slices) if isinstance(first, BlockLinear) and len(inputs) > 1 else (slice(None),)
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
-    out = _Chain.apply(sizes, last_relu, *inputs, *params)
+    out = _Chain.apply(slices, last_relu, *inputs, *params)
     return out.view(*inputs[0].shape[:-1], out.shape[-1])
 
 
@@ -122,7 +121,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if _chained((x,), self.layers, True):
-            return _chain((x,), self.layers, True, (x.shape[-1],))
+            return _chain((x,), self.layers, True)
         for layer in self.layers:
             x = F.relu(layer(x))
         return x
@@ -139,7 +138,7 @@ class MLPHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (..., sum in_sizes), the inputs concatenated."""
         if _chained((x,), self.layers, False):
-            return _chain((x,), self.layers, False, (x.shape[-1],))
+            return _chain((x,), self.layers, False)
         return self.finish(self.layers[0](x))
 
     def project(self, i: int, x: Tensor, *, bias: bool = False) -> Tensor:
@@ -150,7 +149,7 @@ class MLPHead(nn.Module):
         """The network on its inputs given one tensor each, (..., in_sizes[i]): forward(cat(inputs))
         without the concatenated copy (for inputs batched over every step, a sizeable one)."""
         if _chained(inputs, self.layers, False):
-            return _chain(inputs, self.layers, False, self.layers[0].in_sizes)
+            return _chain(inputs, self.layers, False)
         first = self.project(0, inputs[0], bias=True)
         for i, x in enumerate(inputs[1:], 1):
             first = first + self.project(i, x)

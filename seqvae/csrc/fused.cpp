@@ -81,23 +81,13 @@ inline void rows(int64_t b, int64_t d, const F& f) {
   });
 }
 
-template <typename T>
-inline T* row(const Tensor& t, int64_t i) {
-  return t.data_ptr<T>() + i * t.stride(0);
-}
-
 // Whether the units (the last dimension) are contiguous: stride 1, or one unit (whose stride
 // can be anything: .contiguous() leaves such a tensor as it is)
 inline bool unit_stride(const Tensor& t) {
   return t.size(-1) == 1 || t.stride(-1) == 1;
 }
 
-// the kernels read rows whose units are contiguous
-inline void check_rows(std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts) TORCH_CHECK(t->dim() == 2 && unit_stride(*t), "seqvae fused kernel: rows of contiguous units expected");
-}
-
-// The rows of a (rows, units) tensor: the pointer to row i
+// The rows of a (rows, units) tensor whose units are contiguous (checked): the pointer to row i
 template <typename T>
 struct Mat {
   T* p;
@@ -111,7 +101,6 @@ struct Mat {
 // gi (b, 3d) becomes [sigmoid(r), sigmoid(u), n]; h_out = n + u (h - n); ghn_out = gh's n block (for the backward)
 void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Tensor ghn_out) {
   const int64_t b = h.size(0), d = h.size(1);
-  check_rows({&gi, &gh, &h, &h_out, &ghn_out});
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "gru_forward", [&] {
     const Mat<scalar_t> gis(gi), outs(h_out), kns(ghn_out), ks(gh), hps(h);
     rows(b, d, [&](int64_t i) {
@@ -138,7 +127,6 @@ Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, con
   const int64_t b = h.size(0), d = h.size(1);
   Tensor dhc = dh.contiguous();  // the incoming gradient may have any layout (row() reads rows of contiguous units)
   Tensor dh_direct = at::empty_like(dhc);
-  check_rows({&acts, &ghn, &h, &dgi, &dgh});
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
     const Mat<scalar_t> as(acts), kns(ghn), hps(h), gs(dhc), dis(dgi), dks(dgh), dds(dh_direct);
     rows(b, d, [&](int64_t i) {
@@ -167,12 +155,12 @@ Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, con
 // gates (b, 4d) = (i, f, o, u) become their activations; c' = f c + i u, tanh(c'), h' = o tanh(c')
 void lstm_forward(Tensor gates, const Tensor& c, Tensor h_out, Tensor c_out, Tensor tc_out) {
   const int64_t b = c.size(0), d = c.size(1);
-  check_rows({&gates, &c, &h_out, &c_out, &tc_out});
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
+    const Mat<scalar_t> gs(gates), hos(h_out), cns(c_out), tos(tc_out), cps(c);
     rows(b, d, [&](int64_t i) {
-      scalar_t *g = row<scalar_t>(gates, i), *ho = row<scalar_t>(h_out, i), *co = row<scalar_t>(c_out, i);
-      scalar_t* to = row<scalar_t>(tc_out, i);
-      const scalar_t* cp = row<scalar_t>(c, i);
+      scalar_t *g = gs.at(i), *ho = hos.at(i), *co = cns.at(i);
+      scalar_t* to = tos.at(i);
+      const scalar_t* cp = cps.at(i);
       _Pragma("omp simd")
       for (int64_t j = 0; j < d; ++j) {
         const scalar_t in = sigmoid_<scalar_t>(g[j]), f = sigmoid_<scalar_t>(g[d + j]);
@@ -196,12 +184,12 @@ Tensor lstm_backward(const Tensor& dh, const Tensor& dc_in, const Tensor& acts, 
   const int64_t b = c.size(0), d = c.size(1);
   Tensor dhc = dh.contiguous(), dcc = dc_in.contiguous();
   Tensor dc_prev = at::empty_like(dhc);
-  check_rows({&acts, &tc, &c, &dgates});
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstm_backward", [&] {
+    const Mat<scalar_t> as(acts), ts(tc), cps(c), ghs(dhc), gcs(dcc), dgs(dgates), dps(dc_prev);
     rows(b, d, [&](int64_t i) {
-      const scalar_t *a = row<scalar_t>(acts, i), *t = row<scalar_t>(tc, i), *cp = row<scalar_t>(c, i);
-      const scalar_t *gh = row<scalar_t>(dhc, i), *gc = row<scalar_t>(dcc, i);
-      scalar_t *dg = row<scalar_t>(dgates, i), *dp = row<scalar_t>(dc_prev, i);
+      const scalar_t *a = as.at(i), *t = ts.at(i), *cp = cps.at(i);
+      const scalar_t *gh = ghs.at(i), *gc = gcs.at(i);
+      scalar_t *dg = dgs.at(i), *dp = dps.at(i);
       _Pragma("omp simd")
       for (int64_t j = 0; j < d; ++j) {
         const scalar_t in = a[j], f = a[d + j], o = a[2 * d + j], u = a[3 * d + j];
