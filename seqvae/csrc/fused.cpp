@@ -456,11 +456,21 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
   }
 }
 
-// dst += a^T b over the rows of the (n, b, .) blocks a and b; dbias += the column sums of a
-inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b, Tensor* dbias) {
-  Tensor a2 = a.reshape({-1, a.size(-1)});
-  dst.addmm_(a2.t(), b.reshape({-1, b.size(-1)}));
-  if (dbias != nullptr) dbias->add_(a2.sum(0));
+// dst += a^T b over the rows of the (n, b, .) blocks a and b
+inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b) {
+  dst.addmm_(a.reshape({-1, a.size(-1)}).t(), b.reshape({-1, b.size(-1)}));
+}
+
+// sum (double, of the buffer's width) += the column sums of step k's r rows of q
+template <typename T>
+inline void colsums(const Seq<T>& q, int64_t k, int64_t r, const Tensor& sum) {
+  double* s = sum.data_ptr<double>();
+  const int64_t n = sum.numel();
+  for (int64_t i = 0; i < r; ++i) {
+    const T* row = q.at(k, i);
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < n; ++j) s[j] += static_cast<double>(row[j]);
+  }
 }
 
 // dst = g * (act > 0) (ReLU's backward through its output act) over rows of n units
@@ -482,7 +492,7 @@ std::vector<Tensor> vrnn_back_steps(
     Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq,
     const Tensor& eps, Tensor gates_seq, Tensor tc_seq, Tensor d_h, Tensor dgates_c, Tensor dout_c,
     const std::vector<Tensor>& dqs, const std::vector<Tensor>& dzs, const Tensor& w_h, const std::vector<Tensor>& q_w,
-    const std::vector<Tensor>& z_w, const Tensor& w_cz, bool lstm, int64_t f) {
+    const std::vector<Tensor>& z_w, const Tensor& w_cz, bool lstm, int64_t f, const std::vector<Tensor>& sums) {
   const int64_t nz = eps.size(2), n_q = q_w.size(), n_z = z_w.size(), width = d_h.size(2), r = hs.size(1);
   const int64_t d = hs.size(2);
   // this call's buffers: the gradient reaching phi_z's output (and each layer's input), the
@@ -491,7 +501,7 @@ std::vector<Tensor> vrnn_back_steps(
   Tensor dz = at::empty({r, nz}, hs.options());
   Tensor dh_bufs[2] = {at::empty({r, d}, hs.options()), at::empty({r, d}, hs.options())};  // written in turn
   const Mat<T> gm(g_f), dam(da), dzm(dz);
-  const Seq<T> outs(out_seq), epss(eps), dhs_seq(d_h), douts(dout_c), a0s(acts[0]);
+  const Seq<T> outs(out_seq), epss(eps), dhs_seq(d_h), dgs(dgates_c), douts(dout_c), a0s(acts[0]);
   std::vector<Seq<T>> zin, qin, dzseq, dqseq;  // phi_z's outputs (fzs), the q-net's activations, their gradients
   for (const Tensor& t : fzs) zin.emplace_back(t);
   for (const Tensor& t : acts) qin.emplace_back(t);
@@ -571,6 +581,13 @@ std::vector<Tensor> vrnn_back_steps(
       }
     }
     dh = dh_new;
+    // the biases' gradients: this step's rows of the pre-activations' gradients added into the
+    // block's column sums (in double), while they are in cache
+    colsums<T>(dhs_seq, k, r, sums[0]);
+    colsums<T>(dgs, k, r, sums[1]);
+    colsums<T>(douts, k, r, sums[2]);
+    for (int64_t l = 0; l < n_q - 1; ++l) colsums<T>(dqseq[l], k, r, sums[3 + l]);
+    for (int64_t l = 0; l < n_z; ++l) colsums<T>(dzseq[l], k, r, sums[2 + n_q + l]);
   }
   return {dh, dc};
 }
@@ -632,10 +649,17 @@ std::vector<Tensor> vrnn_backward(
   const c10::optional<Tensor> dloc_u = units(dloc_out), dscale_u = units(dscale_out);
   blocks = std::max<int64_t>(1, std::min(blocks, b));
   std::vector<Tensor> dhs(blocks), dcs(blocks);  // each block's dh (and dc), carried from chunk to chunk
+  // each block's column sums (double) of d_h, of the gates', the q-net's output's, the q-net's
+  // hidden layers' and phi_z's layers' gradients: the biases' gradients
+  const auto dbl = fx.options().dtype(at::kDouble);
+  std::vector<std::vector<Tensor>> sums(blocks);
   for (int64_t k = 0; k < blocks; ++k) {
     const auto [lo, rows] = block_rows(b, blocks, k);
     dhs[k] = rows_of(dh, 0, lo, rows, b);
     dcs[k] = rows_of(dc, 0, lo, rows, b);
+    for (const Tensor& t : {d_h, dgates_c, dout_c}) sums[k].push_back(at::zeros({t.size(2)}, dbl));
+    for (const Tensor& t : dqs) sums[k].push_back(at::zeros({t.size(2)}, dbl));
+    for (const Tensor& t : dzs) sums[k].push_back(at::zeros({t.size(2)}, dbl));
   }
   for (int64_t s0 = ((steps - 1) / chunk) * chunk; s0 >= 0; s0 -= chunk) {
     const int64_t n = std::min(chunk, steps - s0);
@@ -648,7 +672,7 @@ std::vector<Tensor> vrnn_backward(
         carried = vrnn_back_steps<scalar_t>(
             s0, n, r1(dh_prev_u), r1(dz_u), r1(dfz_u), r1(dloc_u), r1(dscale_u), dhs[k], dcs[k],
             rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs), r(out_seq), r(eps), r(gates_seq),
-            r(tc_seq), r(d_h), r(dgates_c), r(dout_c), rs(dqs), rs(dzs), w_h, q_w, z_w, w_cz, lstm, f);
+            r(tc_seq), r(d_h), r(dgates_c), r(dout_c), rs(dqs), rs(dzs), w_h, q_w, z_w, w_cz, lstm, f, sums[k]);
       });
       dhs[k] = carried[0];
       dcs[k] = carried[1];
@@ -660,20 +684,29 @@ std::vector<Tensor> vrnn_backward(
     Tensor dfx_c = dfx.narrow(0, s0, n).view({n * b, f});
     at::mm_out(dfx_c, dpost.reshape({n * b, f}), w_px);
     dfx_c.addmm_(dG.reshape({-1, dG.size(2)}), w_cx);
-    accumulate(grads[0], dpost, fx_c, &grads[1]);
-    accumulate(grads[2], dG, fx_c, &grads[3]);
-    accumulate(grads[4], dH, hs.narrow(0, s0, n), has_bias ? &grads[5] : nullptr);
-    accumulate(grads[6], dG, fzs[n_z - 1].narrow(0, s0, n), nullptr);
+    accumulate(grads[0], dpost, fx_c);
+    accumulate(grads[2], dG, fx_c);
+    accumulate(grads[4], dH, hs.narrow(0, s0, n));
+    accumulate(grads[6], dG, fzs[n_z - 1].narrow(0, s0, n));
     for (int64_t i = 0; i < n_q; ++i) {
       Tensor dpre = i == n_q - 1 ? dout_c.narrow(0, 0, n) : dqs[i].narrow(0, 0, n);
-      accumulate(grads[7 + 2 * i], dpre, acts[i].narrow(0, s0, n), &grads[8 + 2 * i]);
+      accumulate(grads[7 + 2 * i], dpre, acts[i].narrow(0, s0, n));
     }
     for (int64_t i = 0; i < n_z; ++i) {
       const Tensor& input = i == 0 ? z_seq : fzs[i - 1];
-      accumulate(grads[7 + 2 * n_q + 2 * i], dzs[i].narrow(0, 0, n), input.narrow(0, s0, n),
-                 &grads[8 + 2 * n_q + 2 * i]);
+      accumulate(grads[7 + 2 * n_q + 2 * i], dzs[i].narrow(0, 0, n), input.narrow(0, s0, n));
     }
   }
+  // the biases' gradients: the blocks' column sums
+  for (int64_t k = 1; k < blocks; ++k)
+    for (size_t i = 0; i < sums[0].size(); ++i) sums[0][i] += sums[k][i];
+  const std::vector<Tensor>& total = sums[0];
+  grads[1] += total[0].narrow(0, 0, f);
+  if (has_bias) grads[5] += total[0];
+  grads[3] += total[1];
+  grads[8 + 2 * (n_q - 1)] += total[2];
+  for (int64_t i = 0; i < n_q - 1; ++i) grads[8 + 2 * i] += total[3 + i];
+  for (int64_t i = 0; i < n_z; ++i) grads[8 + 2 * n_q + 2 * i] += total[2 + n_q + i];
   std::vector<Tensor> first = {blocks == 1 ? dhs[0] : at::cat(dhs)};
   if (lstm) first.push_back(blocks == 1 ? dcs[0] : at::cat(dcs));
   return first;
