@@ -46,24 +46,31 @@ class _Chain(Function):
         n = len(slices)  # the first layer's inputs: their columns of W_0
         inputs, params = args[:n], args[n:]
         xs = [x.reshape(-1, x.shape[-1]) for x in inputs]
-        blocks = [params[0][:, s] for s in slices]
-        a = affine(xs[0], blocks[0], params[1])
-        for x, w in zip(xs[1:], blocks[1:]):
-            torch.addmm(a, x, w.t(), out=a)  # (= a.addmm_, in place; as addmm, FLOP counters see it)
+        native = _native(xs[0])
+        weights, biases = params[0::2], params[1::2]
         acts = []  # each hidden layer's ReLU output (the next layer's input)
-        for w, b in zip(params[2::2], params[3::2]):
-            acts.append(a.relu_())
-            a = affine(a, w, b)
-        if last_relu:
-            a.relu_()
-        ctx.slices, ctx.last_relu, ctx.shapes = slices, last_relu, [x.shape for x in inputs]
-        ctx.save_for_backward(*xs, *acts, *params[0::2], *([a] if last_relu else []))
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            relu = last_relu or i < len(weights) - 1
+            bias = None if native is not None else b  # C++: added after the product, in one pass with the ReLU
+            if i == 0:
+                a = affine(xs[0], w[:, slices[0]], bias)
+                for x, s in zip(xs[1:], slices[1:]):
+                    torch.addmm(a, x, w[:, s].t(), out=a)  # (= a.addmm_, in place; as addmm, FLOP counters see it)
+            else:
+                acts.append(a)
+                a = affine(a, w, bias)
+            if native is not None:
+                native.bias_act(a, b.contiguous(), relu)
+            elif relu:
+                a.relu_()
+        ctx.slices, ctx.last_relu, ctx.shapes, ctx.native = slices, last_relu, [x.shape for x in inputs], native
+        ctx.save_for_backward(*xs, *acts, *weights, *([a] if last_relu else []))
         return a  # (rows, out): viewed (..., out) outside, so that the view may be changed in place
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        n = len(ctx.slices)
+        n, native = len(ctx.slices), ctx.native
         saved = ctx.saved_tensors
         layers = (len(ctx.needs_input_grad) - 2 - n) // 2
         xs, acts, ws = saved[:n], saved[n : n + layers - 1], saved[n + layers - 1 : n + 2 * layers - 1]
@@ -71,23 +78,36 @@ class _Chain(Function):
         g = grad.reshape(-1, grad.shape[-1])
         if ctx.last_relu:
             g = torch.ops.aten.threshold_backward(g, saved[-1], 0)
+        gb = g.sum(0) if needs[n + 2 * layers - 1] else None  # the last layer's bias
         param_grads: list = []
         for i in reversed(range(1, layers)):
             w, act = ws[i], acts[i - 1]
             gw = g.t() @ act if needs[n + 2 * i] else None
-            gb = g.sum(0) if needs[n + 2 * i + 1] else None
             param_grads = [gw, gb] + param_grads
             if not any(needs[: n + 2 * i]):  # nothing below this layer needs a gradient (frozen layers)
                 return None, None, *([None] * (n + 2 * i)), *param_grads
             g = affine(g, w.t())
-            torch.ops.aten.threshold_backward.grad_input(g, act, 0, grad_input=g)  # in place
+            if native is not None:  # ReLU's gradient in place and the bias's gradient, in one pass
+                gb = native.grad_colsum(g, act)
+            else:
+                torch.ops.aten.threshold_backward.grad_input(g, act, 0, grad_input=g)  # in place
+                gb = g.sum(0) if needs[n + 2 * i - 1] else None
+            gb = gb if needs[n + 2 * i - 1] else None
         gw0 = None
         if needs[n]:
             gw0 = g.t() @ xs[0] if n == 1 else torch.cat([g.t() @ x for x in xs], 1)
-        gb0 = g.sum(0) if needs[n + 1] else None
         gxs = [affine(g, ws[0][:, s].t()).view(shape) if needs[i] else None
                for i, (s, shape) in enumerate(zip(ctx.slices, ctx.shapes))]
-        return None, None, *gxs, gw0, gb0, *param_grads
+        return None, None, *gxs, gw0, gb, *param_grads
+
+
+def _native(x: Tensor):
+    """The C++ helpers (fused.py's build) for float CPU tensors, or None (then ATen's operations)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    from .fused import _native as build  # here, not at the top: fused.py imports this module
+
+    return build()
 
 
 def _chained(inputs: tuple, layers, last_relu: bool) -> bool:

@@ -712,6 +712,61 @@ std::vector<Tensor> vrnn_backward(
   return first;
 }
 
+// ---------------------------------------------------------------- nets.py's _Chain: one pass each
+// y (rows, units) += bias, then ReLU where relu; in place, the rows in parallel (after a product
+// wrote x w^T into y: one pass over y instead of ATen's bias copy before the product and a ReLU after)
+void bias_act(Tensor y, const Tensor& bias, bool relu) {
+  TORCH_CHECK(y.dim() == 2 && bias.dim() == 1 && bias.size(0) == y.size(1) && bias.is_contiguous() &&
+                  y.scalar_type() == bias.scalar_type(), "seqvae bias_act: (rows, units) and a contiguous (units,) bias expected");
+  const int64_t d = y.size(1);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bias_act", [&] {
+    const Mat<scalar_t> ys(y);
+    const scalar_t* b = bias.data_ptr<scalar_t>();
+    rows(y.size(0), d, [&](int64_t i) {
+      scalar_t* r = ys.at(i);
+      if (relu) {
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < d; ++j) r[j] = std::max(r[j] + b[j], scalar_t(0));
+      } else {
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < d; ++j) r[j] += b[j];
+      }
+    });
+  });
+}
+
+// g (rows, units) *= (act > 0) in place where act is given (ReLU's backward through its output);
+// returns g's column sums (the bias's gradient), accumulated in double, in g's dtype. One pass.
+Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act) {
+  TORCH_CHECK(g.dim() == 2 && (!act.has_value() || act->sizes() == g.sizes()),
+              "seqvae grad_colsum: a (rows, units) gradient and activations of its shape expected");
+  const int64_t n = g.size(0), d = g.size(1);
+  // blocks of rows, one partial sum each (one block where a fork would cost more than it saves)
+  const int64_t parts = n * d < 16384 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  Tensor partial = at::zeros({parts, d}, g.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "grad_colsum", [&] {
+    const Mat<scalar_t> gs(g);
+    const c10::optional<Mat<scalar_t>> as = act.has_value() ? c10::optional<Mat<scalar_t>>(Mat<scalar_t>(*act)) : c10::nullopt;
+    double* part = partial.data_ptr<double>();
+    at::parallel_for(0, parts, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double* s = part + k * d;
+        for (int64_t i = n * k / parts; i < n * (k + 1) / parts; ++i) {
+          scalar_t* r = gs.at(i);
+          if (as) {
+            const scalar_t* a = as->at(i);
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < d; ++j) r[j] = a[j] > scalar_t(0) ? r[j] : scalar_t(0);
+          }
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < d; ++j) s[j] += static_cast<double>(r[j]);
+        }
+      }
+    });
+  });
+  return partial.sum(0).to(g.scalar_type());
+}
+
 // ------------------------------------------------------------------------------------------ DRAW
 namespace {
 
@@ -1083,6 +1138,8 @@ std::vector<Tensor> draw_backward(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vrnn_forward", &vrnn_forward, py::call_guard<py::gil_scoped_release>());
   m.def("vrnn_backward", &vrnn_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("bias_act", &bias_act, py::call_guard<py::gil_scoped_release>());
+  m.def("grad_colsum", &grad_colsum, py::call_guard<py::gil_scoped_release>());
   m.def("draw_forward", &draw_forward, py::call_guard<py::gil_scoped_release>());
   m.def("filters_forward", [](std::vector<Tensor> t, std::vector<double> v, const Tensor& raw) {
     return filters_forward(Filters(t, v), raw);
