@@ -24,7 +24,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 from torch.distributions import Distribution, Independent, Normal
+
+from . import fused
 
 __all__ = ["Terms", "standard_normal_like", "diagonal_normal"]
 
@@ -45,6 +49,10 @@ class Terms:
         """Analytic KL(q || p) per example and step, (b, s); zeros without latents."""
         if self.posterior is None:
             return self.log_px.new_zeros(self.log_px.shape[:2])
+        q, p = self.posterior.base_dist, self.prior.base_dist
+        args = (q.loc, q.scale, p.loc, p.scale)
+        if all(a.shape == args[0].shape for a in args[1:]) and not torch.compiler.is_compiling():
+            return self._masked(_NormalKL.apply(*args))
         return self._masked(self._unit_kl().sum(-1))
 
     def kl_per_unit(self) -> Tensor:
@@ -56,7 +64,8 @@ class Terms:
 
     def _unit_kl(self) -> Tensor:
         """KL(N(m_q, s_q^2) || N(m_p, s_p^2)) per unit, (b, s, z), written out: torch's
-        kl_divergence dispatch cannot be traced by torch.compile; tested equal to it."""
+        kl_divergence dispatch cannot be traced by torch.compile; tested equal to it. (kl() sums
+        it over units through _NormalKL, which gives the same values with fewer operations.)"""
         q, p = self.posterior.base_dist, self.prior.base_dist
         ratio = (q.scale / p.scale).square()
         return 0.5 * (ratio + ((q.loc - p.loc) / p.scale).square() - 1 - ratio.log())
@@ -93,6 +102,54 @@ class Terms:
             None if self.z is None else self.z.detach(),
             self.mask,
         )
+
+
+class _NormalKL(Function):
+    """sum_z KL(N(m_q, s_q^2) || N(m_p, s_p^2)) over the last dimension, for four tensors of one
+    shape, with its gradients written out: with r = s_q / s_p and d = (m_q - m_p) / s_p,
+        KL = sum_z 0.5 (r^2 + d^2 - 1) - log r,
+        dKL/dm_q = d / s_p = -dKL/dm_p,  dKL/ds_q = (r - 1/r) / s_p,  dKL/ds_p = (1 - r^2 - d^2) / s_p.
+    Autograd through Terms._unit_kl records ~13 operations and differentiates each (a T=28,
+    batch 128, z 16 VRNN's KL: 0.75 ms forward and backward on a 2-core Intel Xeon VM); for 3-D
+    float CPU tensors with contiguous units the C++ helpers (fused.py's build) take one pass
+    each way, otherwise ~11 ATen operations each way without a graph."""
+
+    @staticmethod
+    def forward(ctx, m_q: Tensor, s_q: Tensor, m_p: Tensor, s_p: Tensor) -> Tensor:
+        native = _native(m_q, s_q, m_p, s_p)
+        ctx.native = native
+        if native is not None:  # the backward recomputes r and d from the inputs
+            ctx.save_for_backward(m_q, s_q, m_p, s_p)
+            return native.normal_kl(m_q, s_q, m_p, s_p)
+        inv = s_p.reciprocal()
+        r, d = s_q * inv, (m_q - m_p) * inv
+        units = torch.addcmul(r * r, d, d).mul_(0.5).sub_(r.log())
+        ctx.save_for_backward(inv, r, d)
+        return units.sum(-1) - 0.5 * m_q.shape[-1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        need_mq, need_sq, need_mp, need_sp = ctx.needs_input_grad
+        if ctx.native is not None:
+            grads = ctx.native.normal_kl_backward(grad, *ctx.saved_tensors)
+            return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+        inv, r, d = ctx.saved_tensors
+        g = grad.unsqueeze(-1) * inv
+        g_mq = g * d if need_mq or need_mp else None
+        g_sq = g * (r - r.reciprocal()) if need_sq else None
+        g_sp = torch.addcmul(1 - r * r, d, d, value=-1).mul_(g) if need_sp else None
+        return g_mq if need_mq else None, g_sq, -g_mq if need_mp else None, g_sp
+
+
+def _native(*ts: Tensor):
+    """The C++ helpers (fused.py's build) for 3-D float CPU tensors of one dtype with contiguous
+    units (the last dimension of size 1 or stride 1), or None."""
+    t = ts[0]
+    if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dim() != 3
+            or any(u.device.type != "cpu" or u.dtype != t.dtype or (u.shape[-1] > 1 and u.stride(-1) != 1) for u in ts)):
+        return None
+    return fused._native()
 
 
 def diagonal_normal(loc: Tensor, scale: Tensor) -> Independent:

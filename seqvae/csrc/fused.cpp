@@ -349,17 +349,9 @@ inline void bias_relu(const Tensor& y, const Tensor& bias) {
   }
 }
 
-// log(1 + y) for finite y >= 0 in float by a Cephes-style polynomial (relative error ~2e-7)
-// without branches, so that a loop of it vectorizes (with -fno-trapping-math: the division is
-// computed for every lane, used only where d != 0); double: std::log1p
-template <typename T>
-SEQVAE_INLINE T log1p_(T y) {
-  return std::log1p(y);
-}
-
-template <>
-SEQVAE_INLINE float log1p_<float>(float y) {
-  const float u = 1.0f + y;
+// log(u) for a positive normal float u by a Cephes-style polynomial (relative error ~2e-7),
+// without branches, so that a loop of it vectorizes
+SEQVAE_INLINE float log_normal_(float u) {
   int32_t bits;
   std::memcpy(&bits, &u, sizeof(bits));
   const int32_t e0 = ((bits >> 23) & 0xff) - 126;  // u = m 2^e with m in [0.5, 1)
@@ -379,11 +371,40 @@ SEQVAE_INLINE float log1p_<float>(float y) {
   p = std::fma(p, x, 2.0000714765e-1f);
   p = std::fma(p, x, -2.4999993993e-1f);
   p = std::fma(p, x, 3.3333331174e-1f);
-  const float r = x * z * p + fe * -2.12194440e-4f - 0.5f * z + x + fe * 0.693359375f;  // log(u)
+  return x * z * p + fe * -2.12194440e-4f - 0.5f * z + x + fe * 0.693359375f;
+}
+
+// log(1 + y) for finite y >= 0 (float: by log_normal_, with -fno-trapping-math the division is
+// computed for every lane, used only where d != 0); double: std::log1p
+template <typename T>
+SEQVAE_INLINE T log1p_(T y) {
+  return std::log1p(y);
+}
+
+template <>
+SEQVAE_INLINE float log1p_<float>(float y) {
+  const float u = 1.0f + y;
+  const float r = log_normal_(u);  // log(u)
   // u - 1 is exact (Sterbenz) for u < 2; log(u) (y / (u - 1)) corrects for the rounding of 1 + y
   const float d = u - 1.0f;
   const float corrected = r * (y / d);
   return d == 0.0f ? y : corrected;
+}
+
+// log(x) for any float x (0: -inf, negative or NaN: NaN, inf: inf, subnormals scaled by 2^24
+// first), every case by selection so that a loop of it vectorizes; double: std::log
+template <typename T>
+SEQVAE_INLINE T log_(T x) {
+  return std::log(x);
+}
+
+template <>
+SEQVAE_INLINE float log_<float>(float x) {
+  const bool tiny = x < std::numeric_limits<float>::min();
+  const float r = log_normal_(tiny ? x * 16777216.0f : x) - (tiny ? 16.635532333438687f : 0.0f);  // 24 log 2
+  const float inf = std::numeric_limits<float>::infinity();
+  return x > 0.0f ? (x <= std::numeric_limits<float>::max() ? r : inf)
+                  : (x == 0.0f ? -inf : std::numeric_limits<float>::quiet_NaN());
 }
 
 // softplus(x) with torch's threshold (x above 20: x itself); both sides computed, then one
@@ -793,6 +814,77 @@ Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act) {
   return partial.sum(0).to(g.scalar_type());
 }
 
+// ------------------------------------------------- terms.py's _NormalKL: KL of diagonal Gaussians
+// The rows (i over the first two dimensions) of a 3-D tensor with contiguous units
+template <typename T>
+struct Rows3 {
+  const T* p;
+  int64_t s0, s1, n1;
+  explicit Rows3(const Tensor& t) : p(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), n1(t.size(1)) {}
+  const T* at(int64_t i) const { return p + (i / n1) * s0 + (i % n1) * s1; }
+};
+
+inline void check_kl_args(const std::vector<Tensor>& ts) {
+  for (const Tensor& t : ts)
+    TORCH_CHECK(t.dim() == 3 && unit_stride(t) && t.sizes() == ts[0].sizes() && t.scalar_type() == ts[0].scalar_type(),
+                "seqvae normal_kl: four (b, s, z) tensors of one shape and dtype with contiguous units expected");
+}
+
+// sum_z KL(N(m_q, s_q^2) || N(m_p, s_p^2)) = sum_z 0.5 (r^2 + d^2 - 1) - log r, r = s_q / s_p,
+// d = (m_q - m_p) / s_p: (b, s), one pass
+Tensor normal_kl(const Tensor& mq, const Tensor& sq, const Tensor& mp, const Tensor& sp) {
+  check_kl_args({mq, sq, mp, sp});
+  const int64_t z = mq.size(2);
+  Tensor out = at::empty({mq.size(0), mq.size(1)}, mq.options());
+  AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "normal_kl", [&] {
+    const Rows3<scalar_t> a(mq), b(sq), c(mp), e(sp);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    rows(out.numel(), z, [&](int64_t i) {
+      const scalar_t *m1 = a.at(i), *s1 = b.at(i), *m2 = c.at(i), *s2 = e.at(i);
+      scalar_t acc = 0;
+      _Pragma("omp simd reduction(+:acc)")
+      for (int64_t j = 0; j < z; ++j) {
+        const scalar_t inv = scalar_t(1) / s2[j], r = s1[j] * inv, d = (m1[j] - m2[j]) * inv;
+        acc += scalar_t(0.5) * (r * r + d * d - scalar_t(1)) - log_<scalar_t>(r);
+      }
+      o[i] = acc;
+    });
+  });
+  return out;
+}
+
+// its gradients given grad (b, s): {m_q's, s_q's, m_p's, s_p's} (b, s, z), one pass:
+// d/dm_q = d / s_p = -d/dm_p, d/ds_q = (r - 1/r) / s_p, d/ds_p = (1 - r^2 - d^2) / s_p
+std::vector<Tensor> normal_kl_backward(const Tensor& grad, const Tensor& mq, const Tensor& sq, const Tensor& mp,
+                                       const Tensor& sp) {
+  check_kl_args({mq, sq, mp, sp});
+  const int64_t z = mq.size(2);
+  Tensor g = grad.contiguous();
+  TORCH_CHECK(g.numel() == mq.size(0) * mq.size(1), "seqvae normal_kl_backward: a (b, s) gradient expected");
+  std::vector<Tensor> out;
+  for (int k = 0; k < 4; ++k) out.push_back(at::empty(mq.sizes(), mq.options()));
+  AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "normal_kl_backward", [&] {
+    const Rows3<scalar_t> a(mq), b(sq), c(mp), e(sp);
+    const scalar_t* gs = g.data_ptr<scalar_t>();
+    scalar_t *o0 = out[0].data_ptr<scalar_t>(), *o1 = out[1].data_ptr<scalar_t>(), *o2 = out[2].data_ptr<scalar_t>(),
+             *o3 = out[3].data_ptr<scalar_t>();
+    rows(g.numel(), z, [&](int64_t i) {
+      const scalar_t *m1 = a.at(i), *s1 = b.at(i), *m2 = c.at(i), *s2 = e.at(i);
+      scalar_t *gm1 = o0 + i * z, *gs1 = o1 + i * z, *gm2 = o2 + i * z, *gs2 = o3 + i * z;
+      const scalar_t gi = gs[i];
+      _Pragma("omp simd")
+      for (int64_t j = 0; j < z; ++j) {
+        const scalar_t inv = scalar_t(1) / s2[j], r = s1[j] * inv, d = (m1[j] - m2[j]) * inv, w = gi * inv;
+        gm1[j] = w * d;
+        gm2[j] = -(w * d);
+        gs1[j] = w * (r - scalar_t(1) / r);
+        gs2[j] = w * (scalar_t(1) - r * r - d * d);
+      }
+    });
+  });
+  return out;
+}
+
 // ------------------------------------------------------------------------------------------ DRAW
 namespace {
 
@@ -1166,6 +1258,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vrnn_backward", &vrnn_backward, py::call_guard<py::gil_scoped_release>());
   m.def("bias_act", &bias_act, py::call_guard<py::gil_scoped_release>());
   m.def("grad_colsum", &grad_colsum, py::call_guard<py::gil_scoped_release>());
+  m.def("normal_kl", &normal_kl, py::call_guard<py::gil_scoped_release>());
+  m.def("normal_kl_backward", &normal_kl_backward, py::call_guard<py::gil_scoped_release>());
   m.def("draw_forward", &draw_forward, py::call_guard<py::gil_scoped_release>());
   m.def("filters_forward", [](std::vector<Tensor> t, std::vector<double> v, const Tensor& raw) {
     return filters_forward(Filters(t, v), raw);
