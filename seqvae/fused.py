@@ -33,9 +33,12 @@ all threads meeting at every one of a step's few dozen small operations (measure
 2-core development VM: DRAW's step 1.1x, the VRNN's at T=500 1.16-1.24x faster than one block).
 DRAW's products that are repeated at every step with one weight use the kernel gemm.Repeated
 measures fastest for the shape (oneDNN with the weight packed once per pass, or ATen's); the
-VRNN's per-step products are ATen's (on one thread at 64 rows MKL was faster for all of its
-shapes), and so are the products over whole sequences (weight gradients, the VRNN's phi_x parts
-per chunk), on all threads.
+VRNN's per-step products go through ATen's brgemm (oneDNN's small-matrix kernel where the CPU
+has it: on one thread at 64 rows 1.04-1.8x MKL's speed for its shapes; ATen's BLAS otherwise)
+in float, ATen's in double; the products over whole sequences (weight gradients, the VRNN's
+phi_x parts per chunk) are ATen's, on all threads. The same build holds one-pass helpers for
+nets._Chain (bias and ReLU; ReLU's gradient and the bias's) and terms._NormalKL (the KL and its
+gradients): `helpers_for(*tensors)`.
 
 The model's `fused_unroll(x, state, mask)` (the recurrent contract's hook) returns the step
 outputs stacked over time and the final state, as the step loop does; `score` then runs as
@@ -824,7 +827,7 @@ def _build(cpp_extension, source: Path):
 def _native():
     """The C++ loops (csrc/fused.cpp), built by torch.utils.cpp_extension on first use and cached
     by it (~40 s once); None with SEQVAE_NATIVE=0 or where they cannot be built (the Python loops
-    then run, with one warning per process)."""
+    then run, with one warning per process, and nets._Chain and Terms.kl use ATen's operations)."""
     if os.environ.get("SEQVAE_NATIVE", "1") == "0":
         return None
     if not _NATIVE:
@@ -837,6 +840,16 @@ def _native():
             warnings.warn(f"seqvae: the C++ time loops could not be built, running them in Python ({error})", stacklevel=2)
             _NATIVE.append(None)
     return _NATIVE[0]
+
+
+def helpers_for(*tensors: Tensor):
+    """The C++ build (its one-pass helpers) for plain float CPU tensors of one dtype, or None (then
+    ATen's operations: other devices and dtypes, tensor subclasses such as FakeTensor, or no build)."""
+    t = tensors[0]
+    if t.dtype not in (torch.float32, torch.float64) or any(
+            type(u) is not torch.Tensor or u.device.type != "cpu" or u.dtype != t.dtype for u in tensors):
+        return None
+    return _native()
 
 
 def vrnn_unroll(model, fx: Tensor, state, mask: Tensor | None) -> tuple[Tensor, ...]:

@@ -91,7 +91,7 @@ class _Chain(Function):
                 gb = native.grad_colsum(g, act)
             else:
                 torch.ops.aten.threshold_backward.grad_input(g, act, 0, grad_input=g)  # in place
-                gb = g.sum(0) if needs[n + 2 * i - 1] else None
+                gb = g.sum(0)
             gb = gb if needs[n + 2 * i - 1] else None
         gw0 = None
         if needs[n]:
@@ -102,12 +102,10 @@ class _Chain(Function):
 
 
 def _native(x: Tensor):
-    """The C++ helpers (fused.py's build) for float CPU tensors, or None (then ATen's operations)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return None
-    from .fused import _native as build  # here, not at the top: fused.py imports this module
+    """The C++ helpers (fused.py's build) for a plain float CPU tensor, or None (ATen's operations)."""
+    from .fused import helpers_for  # here, not at the top: fused.py imports this module
 
-    return build()
+    return helpers_for(x)
 
 
 def _chained(inputs: tuple, layers, last_relu: bool) -> bool:

@@ -97,3 +97,57 @@ def test_float32_kl_at_edge_scales(path):
             assert got == want
         else:
             assert got == pytest.approx(want, rel=1e-6), (i, got, want)
+
+
+def test_second_derivatives_of_the_kl_are_right(path):
+    """A backward that records a graph (create_graph=True: Hessians, gradient penalties) gets the
+    gradients from autograd operations on the inputs, so that differentiating them again is exact."""
+    m_q, s_q, m_p, s_p = _gaussians(b=2, s=2, z=2, seed=5)
+
+    def hessian_of(kl_fn):
+        return torch.autograd.functional.hessian(lambda sq: kl_fn(m_q.detach(), sq, m_p.detach(), s_p.detach()).sum(),
+                                                 s_q.detach())
+
+    got = hessian_of(lambda *a: _terms(*a).kl())
+    want = hessian_of(lambda *a: _reference(*a))
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12) and want.abs().sum() > 0
+    assert torch.autograd.gradgradcheck(terms._NormalKL.apply, (m_q, s_q, m_p, s_p))
+
+
+def test_kl_under_torch_func_transforms(path):
+    m_q, s_q, m_p, s_p = (t.detach() for t in _gaussians(seed=6))
+    got = torch.func.grad(lambda sq: _terms(m_q, sq, m_p, s_p).kl().sum())(s_q)
+    want = torch.autograd.grad(_reference(m_q, s_q.requires_grad_(), m_p, s_p).sum(), s_q)[0]
+    assert torch.allclose(got, want, rtol=1e-11, atol=1e-12)
+    batched = torch.func.vmap(lambda mq: _terms(mq, s_q, m_p, s_p).kl())(m_q[None].expand(3, -1, -1, -1))
+    assert torch.allclose(batched[1], _reference(m_q, s_q, m_p, s_p), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_kl_of_tiny_scales_and_small_kls(path):
+    """A prior scale far below 1 / float32's max (1 / s_p would overflow) with an equal posterior
+    scale: KL 0 and finite gradients. A small KL keeps the accuracy of summing per unit."""
+    tiny = torch.full((1, 1, 2), 1e-39)
+    args = [torch.zeros(1, 1, 2, requires_grad=True), tiny.clone().requires_grad_(), torch.zeros(1, 1, 2),
+            tiny.clone().requires_grad_()]
+    kl = _terms(*args).kl()
+    assert kl.item() == 0.0
+    grads = torch.autograd.grad(kl.sum(), [args[0], args[1], args[3]])
+    assert all(torch.isfinite(g).all() for g in grads)
+    m_q, s_q, m_p, s_p = (t.detach() for t in _gaussians(b=64, s=8, z=16, seed=7))
+    s_q, m_q = s_p * (1 + 1e-3 * torch.randn_like(s_p)), m_p + 1e-3 * s_p * torch.randn_like(s_p)  # KL ~1e-5
+    exact = _reference(m_q, s_q, m_p, s_p)
+    got = _terms(*(t.float() for t in (m_q, s_q, m_p, s_p))).kl().double()
+    assert ((got - exact).abs() / exact).median() < 2e-2
+
+
+def test_plain_tensors_only_take_the_cpp_helpers():
+    """FakeTensors (shapes only, no data) and other tensor subclasses take ATen's operations."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from seqvae.nets import MLP
+
+    with FakeTensorMode():
+        m_q, s_q, m_p, s_p = (torch.ones(2, 3, 4) for _ in range(4))
+        assert terms._native(m_q, s_q, m_p, s_p) is None
+        assert _terms(m_q, s_q, m_p, s_p).kl().shape == (2, 3)
+        assert MLP([4, 5])(torch.ones(2, 3, 4)).shape == (2, 3, 5)

@@ -336,17 +336,38 @@ struct Seq {
   T* at(int64_t t, int64_t i) const { return p + t * st + i * sr; }
 };
 
+// r = relu(r + b) (or r + b without relu) over one row of d units, in place
+template <typename T>
+inline void bias_row(T* r, const T* b, int64_t d, bool relu) {
+  if (relu) {
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < d; ++j) r[j] = std::max(r[j] + b[j], T(0));
+  } else {
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < d; ++j) r[j] += b[j];
+  }
+}
+
+// s += row (in double) over d units: a row's share of a bias's gradient
+template <typename T>
+inline void add_row(double* s, const T* row, int64_t d) {
+  _Pragma("omp simd")
+  for (int64_t j = 0; j < d; ++j) s[j] += static_cast<double>(row[j]);
+}
+
+// dst = g * (act > 0) (ReLU's backward through its output act) over rows of n units (dst may be g)
+template <typename T>
+inline void relu_grad(T* dst, const T* g, const T* act, int64_t n) {
+  _Pragma("omp simd")
+  for (int64_t j = 0; j < n; ++j) dst[j] = act[j] > T(0) ? g[j] : T(0);
+}
+
 // y = relu(y + bias) over the rows of y (rows, units), in place (the product before it wrote x w^T)
 template <typename T>
 inline void bias_relu(const Tensor& y, const Tensor& bias) {
-  const int64_t n = y.size(0), d = y.size(1);
   const Mat<T> ys(y);
   const T* b = bias.data_ptr<T>();
-  for (int64_t i = 0; i < n; ++i) {
-    T* r = ys.at(i);
-    _Pragma("omp simd")
-    for (int64_t j = 0; j < d; ++j) r[j] = std::max(r[j] + b[j], T(0));
-  }
+  for (int64_t i = 0; i < y.size(0); ++i) bias_row<T>(ys.at(i), b, y.size(1), true);
 }
 
 // log(u) for a positive normal float u by a Cephes-style polynomial (relative error ~2e-7),
@@ -417,27 +438,23 @@ SEQVAE_INLINE T softplus_(T x) {
 
 // The VRNN's steps [s0, s0 + n) for one block of rows (fused.py _vrnn_forward), given the
 // chunk's phi_x parts of the posterior's first layer and of the cell's gates, already written
-// into acts[0] and gates_seq (without their biases). The products are ATen's (their output
+// into acts[0] and gates_seq (without their biases). The products are gemm_nn's (their output
 // rows written in place); what lies between them (biases, activations, the reparameterised
 // sample) is done in raw loops over the rows.
 template <typename T>
 void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
                 const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq, Tensor scale_seq,
                 const Tensor& eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor hq, const Tensor& b_px,
-                const Tensor& b_cx, const Tensor& w_h, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_w,
-                const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_w, const std::vector<Tensor>& z_b,
-                const Tensor& w_cz, bool lstm, double min_std) {
+                const Tensor& b_cx, const Tensor& w_ht, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_wt,
+                const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_wt, const std::vector<Tensor>& z_b,
+                const Tensor& w_czt, bool lstm, double min_std) {
   const int64_t nz = eps.size(2), f = acts[0].size(2), g = gates_seq.size(2), rows_n = hq.size(0);
-  const size_t n_q = q_w.size();
+  const size_t n_q = q_wt.size();
   const Seq<T> a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq), gates(gates_seq);
   const Mat<T> hqs(hq);
   const T sd_min = static_cast<T>(min_std);
   const T *bp = b_px.data_ptr<T>(), *bc = b_cx.data_ptr<T>(), *bh = b_h.has_value() ? b_h->data_ptr<T>() + f : nullptr;
-  // the weights as (in, out) rows, for gemm_nn
-  const Tensor gh = hq.narrow(1, f, g), w_ht = w_h.t().contiguous(), w_czt = w_cz.t().contiguous();
-  std::vector<Tensor> q_wt, z_wt;
-  for (const Tensor& w : q_w) q_wt.push_back(w.t().contiguous());
-  for (const Tensor& w : z_w) z_wt.push_back(w.t().contiguous());
+  const Tensor gh = hq.narrow(1, f, g);
   for (int64_t t = s0; t < s0 + n; ++t) {
     Tensor h = hs[t];
     gemm_nn(hq, h, w_ht);
@@ -469,7 +486,7 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
       }
     }
     Tensor fz = z_seq[t];
-    for (size_t l = 0; l < z_w.size(); ++l) {
+    for (size_t l = 0; l < z_wt.size(); ++l) {
       Tensor fl = fzs[l][t];
       gemm_nn(fl, fz, z_wt[l]);
       bias_relu<T>(fl, z_b[l]);
@@ -508,29 +525,18 @@ inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b) {
   dst.addmm_(a.reshape({-1, a.size(-1)}).t(), b.reshape({-1, b.size(-1)}));
 }
 
-// sum (double, of the buffer's width) += the column sums of step k's r rows of q
+// sum (double) += the column sums of step k's r rows of q, over sum's width (q's first columns)
 template <typename T>
 inline void colsums(const Seq<T>& q, int64_t k, int64_t r, const Tensor& sum) {
   double* s = sum.data_ptr<double>();
-  const int64_t n = sum.numel();
-  for (int64_t i = 0; i < r; ++i) {
-    const T* row = q.at(k, i);
-    _Pragma("omp simd")
-    for (int64_t j = 0; j < n; ++j) s[j] += static_cast<double>(row[j]);
-  }
-}
-
-// dst = g * (act > 0) (ReLU's backward through its output act) over rows of n units
-template <typename T>
-inline void relu_grad(T* dst, const T* g, const T* act, int64_t n) {
-  _Pragma("omp simd")
-  for (int64_t j = 0; j < n; ++j) dst[j] = act[j] > T(0) ? g[j] : T(0);
+  for (int64_t i = 0; i < r; ++i) add_row<T>(s, q.at(k, i), sum.numel());
 }
 
 // The VRNN's steps [s0, s0 + n) in reverse for one block of rows (fused.py _vrnn_backward): the
 // gradients of each step into the chunk's buffers (row k = t - s0); dh (and dc) carried from
-// step s0 + n to step s0. Returns {dh, dc} at s0. As in the forward, the products are ATen's
-// (into buffers of this call) and what lies between them is done in raw loops over the rows.
+// step s0 + n to step s0. Returns {dh, dc} at s0. As in the forward, the products are gemm_nn's
+// (into buffers of this call) and what lies between them is done in raw loops over the rows; the
+// rows of the gradients each step writes are added into the block's bias sums (`sums`).
 template <typename T>
 std::vector<Tensor> vrnn_back_steps(
     int64_t s0, int64_t n, const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out,
@@ -654,6 +660,12 @@ void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs
                   int64_t chunk, int64_t blocks) {
   const int64_t steps = fx.size(0), b = fx.size(1), f = fx.size(2), g = w_cx.size(0);
   for (int64_t t = 0; t < steps; ++t) eps[t].normal_();
+  // the step products' weights as (in, out) rows, for gemm_nn
+  auto rows_in = [](const Tensor& w) { return w.t().contiguous(); };
+  const Tensor w_ht = rows_in(w_h), w_czt = rows_in(w_cz);
+  std::vector<Tensor> q_wt, z_wt;
+  for (const Tensor& w : q_w) q_wt.push_back(rows_in(w));
+  for (const Tensor& w : z_w) z_wt.push_back(rows_in(w));
   for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
     const int64_t n = std::min(chunk, steps - s0);
     Tensor fx_c = fx.narrow(0, s0, n).reshape({n * b, f});
@@ -666,7 +678,7 @@ void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs
       AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "vrnn_forward", [&] {
         vrnn_steps<scalar_t>(s0, n, rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs),
                              r(out_seq), r(scale_seq), r(eps), r(z_seq), r(gates_seq), r(tc_seq),
-                             rows_of(hq, 0, lo, rows, b), b_px, b_cx, w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm,
+                             rows_of(hq, 0, lo, rows, b), b_px, b_cx, w_ht, b_h, q_wt, q_b, z_wt, z_b, w_czt, lstm,
                              min_std);
       });
     });
@@ -704,7 +716,9 @@ std::vector<Tensor> vrnn_backward(
     const auto [lo, rows] = block_rows(b, blocks, k);
     dhs[k] = rows_of(dh, 0, lo, rows, b);
     dcs[k] = rows_of(dc, 0, lo, rows, b);
-    for (const Tensor& t : {d_h, dgates_c, dout_c}) sums[k].push_back(at::zeros({t.size(2)}, dbl));
+    // (d_h: all its columns for the GRU's hidden bias b_h, else the q-net's first-layer part)
+    sums[k].push_back(at::zeros({has_bias ? d_h.size(2) : f}, dbl));
+    for (const Tensor& t : {dgates_c, dout_c}) sums[k].push_back(at::zeros({t.size(2)}, dbl));
     for (const Tensor& t : dqs) sums[k].push_back(at::zeros({t.size(2)}, dbl));
     for (const Tensor& t : dzs) sums[k].push_back(at::zeros({t.size(2)}, dbl));
   }
@@ -769,16 +783,7 @@ void bias_act(Tensor y, const Tensor& bias, bool relu) {
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bias_act", [&] {
     const Mat<scalar_t> ys(y);
     const scalar_t* b = bias.data_ptr<scalar_t>();
-    rows(y.size(0), d, [&](int64_t i) {
-      scalar_t* r = ys.at(i);
-      if (relu) {
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < d; ++j) r[j] = std::max(r[j] + b[j], scalar_t(0));
-      } else {
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < d; ++j) r[j] += b[j];
-      }
-    });
+    rows(y.size(0), d, [&](int64_t i) { bias_row<scalar_t>(ys.at(i), b, d, relu); });
   });
 }
 
@@ -800,13 +805,8 @@ Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act) {
         double* s = part + k * d;
         for (int64_t i = n * k / parts; i < n * (k + 1) / parts; ++i) {
           scalar_t* r = gs.at(i);
-          if (as) {
-            const scalar_t* a = as->at(i);
-            _Pragma("omp simd")
-            for (int64_t j = 0; j < d; ++j) r[j] = a[j] > scalar_t(0) ? r[j] : scalar_t(0);
-          }
-          _Pragma("omp simd")
-          for (int64_t j = 0; j < d; ++j) s[j] += static_cast<double>(r[j]);
+          if (as) relu_grad<scalar_t>(r, r, as->at(i), d);
+          add_row<scalar_t>(s, r, d);
         }
       }
     });
@@ -844,7 +844,7 @@ Tensor normal_kl(const Tensor& mq, const Tensor& sq, const Tensor& mp, const Ten
       scalar_t acc = 0;
       _Pragma("omp simd reduction(+:acc)")
       for (int64_t j = 0; j < z; ++j) {
-        const scalar_t inv = scalar_t(1) / s2[j], r = s1[j] * inv, d = (m1[j] - m2[j]) * inv;
+        const scalar_t r = s1[j] / s2[j], d = (m1[j] - m2[j]) / s2[j];  // (1 / s_p would overflow for tiny s_p)
         acc += scalar_t(0.5) * (r * r + d * d - scalar_t(1)) - log_<scalar_t>(r);
       }
       o[i] = acc;
@@ -874,11 +874,12 @@ std::vector<Tensor> normal_kl_backward(const Tensor& grad, const Tensor& mq, con
       const scalar_t gi = gs[i];
       _Pragma("omp simd")
       for (int64_t j = 0; j < z; ++j) {
-        const scalar_t inv = scalar_t(1) / s2[j], r = s1[j] * inv, d = (m1[j] - m2[j]) * inv, w = gi * inv;
-        gm1[j] = w * d;
-        gm2[j] = -(w * d);
-        gs1[j] = w * (r - scalar_t(1) / r);
-        gs2[j] = w * (scalar_t(1) - r * r - d * d);
+        // each factor divided by s_p before the product with grad (1 / s_p alone may overflow)
+        const scalar_t r = s1[j] / s2[j], d = (m1[j] - m2[j]) / s2[j], gm = gi * (d / s2[j]);
+        gm1[j] = gm;
+        gm2[j] = -gm;
+        gs1[j] = gi * ((r - scalar_t(1) / r) / s2[j]);
+        gs2[j] = gi * ((scalar_t(1) - r * r - d * d) / s2[j]);
       }
     });
   });
