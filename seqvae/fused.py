@@ -81,11 +81,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 from . import gemm
 from .attention import _FAR, _LOG_MAX, _SIGMA2_MIN
-from .nets import MIN_STD
+from .nets import MIN_STD, first_order_only
 
 __all__ = ["enabled", "draw_unroll", "vrnn_unroll"]
 
@@ -450,7 +449,7 @@ class _DrawSequence(Function):
                 w["cd"][steps].clone(), q_seq, z_seq, raw_read, raw_write)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dcanvas, dhe, dce, dhd, dcd, dq_out, dz_out, draw_read, draw_write):
         _check_lease(ctx)
         model, ws, w, dims = ctx.model, ctx.ws, ctx.ws.views, ctx.dims
@@ -751,7 +750,7 @@ class _VRNNSequence(Function):
         return hs[:steps], z_seq, fz, out_seq[:, :, :nz], scale_seq, hs[steps], c_last
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc):
         _check_lease(ctx)
         model, ws, w = ctx.model, ctx.ws, ctx.ws.views

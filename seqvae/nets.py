@@ -15,11 +15,13 @@ the observations for all steps at once, outside its time loop:
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 from .gemm import affine
 from .linear import BlockLinear, StepLinear
@@ -27,6 +29,28 @@ from .linear import BlockLinear, StepLinear
 __all__ = ["MLP", "MLPHead", "GaussianNet", "MIN_STD"]
 
 MIN_STD = 1e-4  # added to every softplus standard deviation, so that it never reaches zero
+
+
+def first_order_only(backward):
+    """For a hand-written backward (the CPU fast path's: _Chain, fused.py's passes): run it without
+    recording a graph, as torch's once_differentiable does, and, where the backward itself records
+    one (create_graph=True), return gradients that refuse to be differentiated again, always
+    (once_differentiable does so only when the incoming gradients require grad; otherwise autograd
+    would take the gradients for constants, and second derivatives would come out silently wrong)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        refuse = torch._C._functions.DelayedError(
+            b"seqvae: trying to differentiate twice through the hand-written backward of the CPU fast path; "
+            b"set SEQVAE_FUSED=0 for autograd's own step loop", len(outputs))
+        return refuse(*[None if v is None else v.detach().requires_grad_() for v in outputs])
+
+    return wrapper
 
 
 class _Chain(Function):
@@ -68,7 +92,7 @@ class _Chain(Function):
         return a  # (rows, out): viewed (..., out) outside, so that the view may be changed in place
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad: Tensor):
         n, native = len(ctx.slices), ctx.native
         saved = ctx.saved_tensors
@@ -111,11 +135,12 @@ def _native(x: Tensor):
 def _chained(inputs: tuple, layers, last_relu: bool) -> bool:
     """Whether to run the layers as one _Chain: inputs batched over steps (3-D or more) with the
     same leading dimensions (the layers' own path broadcasts others), at least one layer, and
-    neither autocast (which casts per operation), a compiled graph (which fuses itself), nor a
-    torch.func transform (vmap, grad, jvp: _Chain has a hand-written backward only, once
-    differentiable; so does double backward fail through it)."""
+    neither autocast (which casts per operation), a compiled graph (which fuses itself), a
+    torch.func transform (vmap, grad, jvp: _Chain has a hand-written first-order backward only,
+    whose gradients refuse to be differentiated again), nor SEQVAE_FUSED=0 (autograd's own path)."""
     x = inputs[0]
     return (x.dim() >= 3 and len(layers) > 0 and all(t.shape[:-1] == x.shape[:-1] for t in inputs[1:])
+            and os.environ.get("SEQVAE_FUSED", "1") != "0"
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
             and not torch._C._are_functorch_transforms_active()
             and all(isinstance(layer, StepLinear) for layer in layers))

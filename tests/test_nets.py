@@ -141,3 +141,28 @@ def test_frozen_layers_and_inputs_get_no_gradient_and_the_rest_the_right_one(fro
         assert (got is None) == (expected is None) == (not p.requires_grad)
         if got is not None:
             assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_second_derivatives_through_the_fast_path_raise_and_the_step_loop_gives_them(monkeypatch):
+    """Gradients from the hand-written backwards (_Chain, the fused pass) taken with
+    create_graph=True are right but refuse a second differentiation, rather than being taken for
+    constants; with SEQVAE_FUSED=0 autograd's own step loop runs and gives second derivatives."""
+    import seqvae
+
+    torch.manual_seed(0)
+    model = seqvae.VRNN(x_dim=3, hidden_size=4, z_size=2, feature_size=4).double()
+    x = (torch.rand(2, 3, 3, dtype=torch.float64) > 0.5).double()
+    weight = model.decoder.layers[-1].weight
+    monkeypatch.setenv("SEQVAE_FUSED", "1")
+    (g,) = torch.autograd.grad(seqvae.elbo(model, x).sum(), weight, create_graph=True)  # first order: fine
+    with pytest.raises(RuntimeError, match="differentiate twice.*SEQVAE_FUSED=0"):
+        g.pow(2).sum().backward()
+    net = MLP([3, 4]).double()  # the chain alone, under a plain sum (incoming gradients need no grad)
+    (g,) = torch.autograd.grad(net(torch.randn(2, 5, 3, dtype=torch.float64)).sum(), net.layers[0].weight,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()
+    monkeypatch.setenv("SEQVAE_FUSED", "0")
+    (g,) = torch.autograd.grad(seqvae.elbo(model, x).sum(), weight, create_graph=True)
+    g.pow(2).sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
