@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
 
+from . import native
 from .gemm import affine
 from .linear import BlockLinear, StepLinear
 
@@ -126,10 +127,8 @@ class _Chain(Function):
 
 
 def _native(x: Tensor):
-    """The C++ helpers (fused.py's build) for a plain float CPU tensor, or None (ATen's operations)."""
-    from .fused import helpers_for  # here, not at the top: fused.py imports this module
-
-    return helpers_for(x)
+    """The C++ helpers for a plain float CPU tensor, or None (ATen's operations)."""
+    return native.helpers_for(x)
 
 
 def _chained(inputs: tuple, layers, last_relu: bool) -> bool:

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.distributions import Distribution, Independent, Normal
 
-from . import fused
+from . import native
 
 __all__ = ["Terms", "standard_normal_like", "diagonal_normal"]
 
@@ -111,7 +111,7 @@ class _NormalKL(Function):
         dKL/dm_q = d / s_p = -dKL/dm_p,  dKL/ds_q = (r - 1/r) / s_p,  dKL/ds_p = (1 - r^2 - d^2) / s_p.
     Autograd through Terms._unit_kl records ~13 operations and differentiates each (a T=28,
     batch 128, z 16 VRNN's KL: 1.2 ms forward and backward on a 2-core Intel Xeon VM, 0.45 ms
-    here); for plain float CPU tensors with contiguous units the C++ helpers (fused.py's build)
+    here); for plain float CPU tensors with contiguous units the C++ helpers (native.py's build)
     take one pass each way, otherwise ATen's operations without a graph. A backward that is to
     be differentiated again (create_graph=True) computes the same gradients with autograd
     operations from the inputs, so that second derivatives are right."""
@@ -153,7 +153,7 @@ def _native(*ts: Tensor):
     takes ATen's operations.)"""
     if ts[0].dim() != 3 or any(u.shape[-1] > 1 and u.stride(-1) != 1 for u in ts):
         return None
-    return fused.helpers_for(*ts)
+    return native.helpers_for(*ts)
 
 
 def diagonal_normal(loc: Tensor, scale: Tensor) -> Independent:

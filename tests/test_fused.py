@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import seqvae
-from seqvae import fused, gemm
+from seqvae import fused, gemm, native
 from seqvae.attention import Filterbanks
 from seqvae.draw import DRAW
 from seqvae.recurrent import unroll
@@ -270,7 +270,7 @@ def test_a_failed_build_falls_back_to_the_python_loops_with_a_warning(monkeypatc
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(cpp, "load", broken)
-    monkeypatch.setattr(fused, "_NATIVE", [])
+    monkeypatch.setattr(native, "_NATIVE", [])
     with pytest.warns(UserWarning, match="could not be built.*no compiler here"):
         assert fused._native() is None
     model = VRNN(x_dim=5, hidden_size=8, z_size=3)
