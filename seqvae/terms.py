@@ -65,10 +65,9 @@ class Terms:
     def _unit_kl(self) -> Tensor:
         """KL(N(m_q, s_q^2) || N(m_p, s_p^2)) per unit, (b, s, z), written out: torch's
         kl_divergence dispatch cannot be traced by torch.compile; tested equal to it. (kl() sums
-        it over units through _NormalKL, which gives the same values with fewer operations.)"""
+        it over units through _NormalKL, with its gradients written out.)"""
         q, p = self.posterior.base_dist, self.prior.base_dist
-        ratio = (q.scale / p.scale).square()
-        return 0.5 * (ratio + ((q.loc - p.loc) / p.scale).square() - 1 - ratio.log())
+        return _kl_units(q.loc, q.scale, p.loc, p.scale)
 
     def log_ratio(self) -> Tensor:
         """log p(z_s | ...) - log q(z_s | ...) at the sampled z, (b, s): the Monte Carlo KL's negative."""
