@@ -187,9 +187,11 @@ def _release(model, ws: _Workspace) -> None:
         pool.pop(next(iter(pool)))
 
 
-def _guard(ctx, model) -> None:
-    """Remember the parameters' versions: their gradients are computed from the values of the forward."""
-    ctx.versions = [(p, p._version) for p in model.parameters()]
+def _guard(ctx, params) -> None:
+    """Remember the versions of the pass's parameters and initial states (all its tensor inputs
+    that may be parameters: a model's learned initial state comes in as a view of it): their
+    gradients are computed from the values of the forward."""
+    ctx.versions = [(p, p._version) for p in params if p is not None]
 
 
 def _check_lease(ctx) -> None:
@@ -434,7 +436,7 @@ class _DrawSequence(Function):
                                                 *_filters_spec(write), blocks)
         else:
             canvas, saved = _draw_forward(x, canvas0, *bufs, prods, dims, read, write)
-        _guard(ctx, model)
+        _guard(ctx, (canvas0, he0, ce0, hd0, cd0, we, be, wq, bq, wd, bd, wr, br, ww, bw))
         ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
         ctx.dims, ctx.weights, ctx.saved = dims, [w for w, _ in weights], saved
         ctx.save_for_backward(q_seq, z_seq)
@@ -700,10 +702,16 @@ class _VRNNSequence(Function):
     """
 
     @staticmethod
-    def forward(ctx, model, fx, h0, c0, mask, w_px, b_px, w_cx, b_cx, w_h, b_h, w_cz, *layer_params):
+    def forward(ctx, model, fx, h0, c0, mask, w_q, b_px, w_cell, b_cx, w_hh, b_hh, *layer_params):
         ctx.set_materialize_grads(False)
         steps, b, f = fx.shape
-        d, nz, lstm, g = h0.shape[1], model.z_size, c0 is not None, w_cx.shape[0]
+        d, nz, lstm, g = h0.shape[1], model.z_size, c0 is not None, w_cell.shape[0]
+        # the parameters come whole (slices and concatenations made here, outside autograd, cost a
+        # weight-sized zero fill and copy each in the backward); their blocks:
+        w_px, w_cx = w_q[:, :f], w_cell[:, :f]  # the phi_x columns of the posterior's first layer and of the cell
+        w_cz = w_cell[:, f : 2 * f]  # the cell's phi_z columns
+        w_h = torch.cat([w_q[:, f:], w_cell[:, 2 * f :] if lstm else w_hh])  # both products of h_{t-1}, stacked
+        b_h = None if lstm else torch.cat([b_hh.new_zeros(f), b_hh])  # the GRU's hidden bias, after H_cell
         n_q = len(model.posterior_net.net.layers) - 1  # the posterior's layers after the first (>= 1)
         n_z = (len(layer_params) - 2 * n_q) // 2
         chunk = min(CHUNK, steps)
@@ -718,7 +726,7 @@ class _VRNNSequence(Function):
             **{f"dq{i}": (chunk, b, f) for i in range(n_q - 1)}, **{f"dz{i}": (chunk, b, f) for i in range(n_z)},
         })
         w = ws.views
-        weights = [p.contiguous() for p in (w_px, b_px, w_cx, b_cx, w_h, w_cz, *layer_params)]
+        weights = [p if p.stride(-1) == 1 else p.contiguous() for p in (w_px, b_px, w_cx, b_cx, w_h, w_cz, *layer_params)]
         q_w, q_b = weights[6 : 6 + 2 * n_q : 2], weights[7 : 6 + 2 * n_q : 2]
         z_w, z_b = weights[6 + 2 * n_q :: 2], weights[7 + 2 * n_q :: 2]
         new = fx.new_empty
@@ -738,9 +746,10 @@ class _VRNNSequence(Function):
             native.vrnn_forward(*args, blocks)
         else:
             _vrnn_forward(*args)
-        _guard(ctx, model)
+        _guard(ctx, (h0, c0, w_q, b_px, w_cell, b_cx, w_hh, b_hh, *layer_params))
         ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
         ctx.dims = (n_q, n_z, lstm, b_h is not None, chunk, blocks)
+        ctx.full = (w_q, w_cell)
         ctx.weights = weights
         ctx.save_for_backward(mask, fx, hs, fz, out_seq, z_seq)
         c_last = w["c"][steps].clone() if lstm else h0.new_empty(0)
@@ -772,24 +781,27 @@ class _VRNNSequence(Function):
                 weights[5], grads, lstm, has_bias, chunk)
         first = ctx.native.vrnn_backward(*args, blocks) if ctx.native is not None else _vrnn_backward(*args)
         _release(model, ws)
-        return (None, dfx, first[0], first[1] if lstm else None, None, *grads[:5], grads[5] if has_bias else None,
-                *grads[6:])
+        # the whole parameters' gradients from their blocks' (column-major, as the accumulators)
+        w_q, w_cell = ctx.full
+        f = fx.shape[2]
+        g_q = torch.cat([grads[0], grads[4][:f]], 1)  # [phi_x | h] columns of the posterior's first layer
+        g_cell = torch.cat([grads[2], grads[6], *([grads[4][f:]] if lstm else [])], 1)  # [phi_x | phi_z (| h)]
+        g_hh = None if lstm else grads[4][f:]
+        gb_hh = grads[5][f:] if has_bias else None
+        return (None, dfx, first[0], first[1] if lstm else None, None, g_q, grads[1], g_cell, grads[3], g_hh, gb_hh,
+                *grads[7:])
 
 
 def vrnn_unroll(model, fx: Tensor, state, mask: Tensor | None) -> tuple[Tensor, ...]:
     """The VRNN's pass from phi_x(x) (t, b, f) as one Function: h_{t-1}, z_t, phi_z(z_t), loc_t,
     scale_t stacked (t, b, ...), and the final h (and c, for an LSTM)."""
-    f = fx.shape[2]
     cell = model.cell
     q_first = model.posterior_net.net.layers[0]
     if hasattr(cell, "hh"):  # GRU: W_ih [phi_x, phi_z] with b_ih, W_hh with its own bias
-        w_x, b_x, w_cz, w_ch = cell.ih.weight[:, :f], cell.ih.bias, cell.ih.weight[:, f:], cell.hh.weight
-        b_h = torch.cat([cell.hh.bias.new_zeros(f), cell.hh.bias])
+        w_cell, b_cell, w_hh, b_hh = cell.ih.weight, cell.ih.bias, cell.hh.weight, cell.hh.bias
     else:  # LSTM: one W over [phi_x, phi_z, h], the bias with phi_x's block
-        lin = cell.linear
-        w_x, b_x, w_cz, w_ch, b_h = lin.weight[:, :f], lin.bias, lin.weight[:, f : 2 * f], lin.weight[:, 2 * f :], None
-    w_h = torch.cat([q_first.weight[:, f:], w_ch])
+        w_cell, b_cell, w_hh, b_hh = cell.linear.weight, cell.linear.bias, None, None
     layers = [p for layer in list(model.posterior_net.net.layers[1:]) + list(model.phi_z.layers)
               for p in (layer.weight, layer.bias)]
-    return _VRNNSequence.apply(model, fx, state.h, state.c, mask, q_first.weight[:, :f], q_first.bias, w_x, b_x,
-                               w_h, b_h, w_cz, *layers)
+    return _VRNNSequence.apply(model, fx, state.h, state.c, mask, q_first.weight, q_first.bias, w_cell, b_cell,
+                               w_hh, b_hh, *layers)
