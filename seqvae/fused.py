@@ -83,7 +83,7 @@ from .attention import _FAR, _LOG_MAX, _SIGMA2_MIN
 from .native import load as _native
 from .nets import MIN_STD, first_order_only
 
-__all__ = ["enabled", "draw_unroll", "vrnn_unroll"]
+__all__ = ["enabled", "draw_unroll", "vrnn_unroll", "vrnn_params"]
 
 
 def enabled(x: Tensor, *params: Tensor) -> bool:
@@ -97,7 +97,7 @@ def enabled(x: Tensor, *params: Tensor) -> bool:
         and not x.requires_grad
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
-        and all(p.dtype == x.dtype and p.device.type == "cpu" for p in params)
+        and all(p.dtype == x.dtype and p.device.type == "cpu" for p in params if p is not None)
     )
 
 
@@ -792,16 +792,24 @@ class _VRNNSequence(Function):
                 *grads[7:])
 
 
-def vrnn_unroll(model, fx: Tensor, state, mask: Tensor | None) -> tuple[Tensor, ...]:
-    """The VRNN's pass from phi_x(x) (t, b, f) as one Function: h_{t-1}, z_t, phi_z(z_t), loc_t,
-    scale_t stacked (t, b, ...), and the final h (and c, for an LSTM)."""
+def vrnn_params(model) -> tuple:
+    """The parameters the VRNN's pass takes: the posterior's first layer (W, b), the cell's input
+    weights and bias (GRU: W_ih [phi_x, phi_z], b_ih; LSTM: one W over [phi_x, phi_z, h] and its
+    bias), the GRU's W_hh and b_hh (None for an LSTM), then (W, b) of the posterior's later layers
+    and of phi_z's."""
     cell = model.cell
     q_first = model.posterior_net.net.layers[0]
-    if hasattr(cell, "hh"):  # GRU: W_ih [phi_x, phi_z] with b_ih, W_hh with its own bias
+    if hasattr(cell, "hh"):
         w_cell, b_cell, w_hh, b_hh = cell.ih.weight, cell.ih.bias, cell.hh.weight, cell.hh.bias
-    else:  # LSTM: one W over [phi_x, phi_z, h], the bias with phi_x's block
+    else:
         w_cell, b_cell, w_hh, b_hh = cell.linear.weight, cell.linear.bias, None, None
     layers = [p for layer in list(model.posterior_net.net.layers[1:]) + list(model.phi_z.layers)
               for p in (layer.weight, layer.bias)]
-    return _VRNNSequence.apply(model, fx, state.h, state.c, mask, q_first.weight, q_first.bias, w_cell, b_cell,
-                               w_hh, b_hh, *layers)
+    return (q_first.weight, q_first.bias, w_cell, b_cell, w_hh, b_hh, *layers)
+
+
+def vrnn_unroll(model, fx: Tensor, state, mask: Tensor | None, params: tuple | None = None) -> tuple[Tensor, ...]:
+    """The VRNN's pass from phi_x(x) (t, b, f) as one Function: h_{t-1}, z_t, phi_z(z_t), loc_t,
+    scale_t stacked (t, b, ...), and the final h (and c, for an LSTM). params: vrnn_params(model)."""
+    params = vrnn_params(model) if params is None else params
+    return _VRNNSequence.apply(model, fx, state.h, state.c, mask, *params)

@@ -323,10 +323,11 @@ class VRNN(SequenceModel):
 
     def fused_unroll(self, x: Tensor, state: CellState, mask: Tensor | None) -> tuple[VRNNStep, CellState] | None:
         """All steps as one Function with a hand-written backward (fused.py), when it applies."""
-        if not fused.enabled(x, *self.parameters()):
+        params = fused.vrnn_params(self)  # (the step's parameters; phi_x's and these are all the pass uses)
+        if not fused.enabled(x, *params, *(p for layer in self.phi_x.layers for p in (layer.weight, layer.bias))):
             return None
         fx = self.phi_x(x.transpose(0, 1))  # (t, b, f); the pass applies its first products itself
-        h_prev, z, fz, loc, scale, h, c = fused.vrnn_unroll(self, fx, state, mask)
+        h_prev, z, fz, loc, scale, h, c = fused.vrnn_unroll(self, fx, state, mask, params)
         outs = VRNNStep(*(s.transpose(0, 1) for s in (h_prev, z, fz, loc, scale)))  # (b, t, ...) views
         return outs, CellState(h, c if state.c is not None else None)
 

@@ -98,3 +98,29 @@ def test_the_finite_check_finds_one_bad_value_among_values_whose_sum_overflows(b
         check_finite(huge, "huge")
     with pytest.raises(ValueError, match="NaN or infinite"):
         check_finite(torch.tensor([0.0, bad, 1.0]), "small")
+
+
+@pytest.mark.parametrize("path", ["C++", "ATen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_check_finds_one_value_that_is_not_0_or_1_anywhere(path, dtype, monkeypatch):
+    """The binary-data check (a C++ pass for CPU float tensors, ATen's operations otherwise) passes
+    0/1 data, strided too, and refuses a single other value wherever it lies, in blocks of every thread."""
+    from seqvae import distributions, native
+
+    if path == "ATen":
+        monkeypatch.setattr(distributions, "helpers_for", lambda x: None)
+    elif native.helpers_for(torch.zeros(1)) is None:
+        pytest.skip("the C++ extension could not be built here (see the warning); the ATen case runs")
+    head = make_head("bernoulli")
+    x = (torch.rand(64, 50, 41, generator=torch.Generator().manual_seed(0)) > 0.5).to(dtype)  # 131,200 values
+    head.check(x)
+    head.check(x.transpose(0, 1))
+    head.check(torch.ones(3, 1, dtype=dtype))
+    for value in (0.5, 2.0, -1.0, 1e-30, 1 - 1e-7, float("inf"), float("nan")):
+        for pos in (0, 65_535, 65_536, x.numel() - 1):
+            y = x.clone()
+            y.view(-1)[pos] = value
+            if dtype == torch.float32 and value == 1 - 1e-7:
+                assert y.view(-1)[pos] != 1  # (still not 1 in float32)
+            with pytest.raises(ValueError, match="not binary|NaN or infinite"):
+                head.check(y)

@@ -13,6 +13,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <initializer_list>
 #include <cstring>
@@ -814,6 +815,25 @@ Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act) {
   return partial.sum(0).to(g.scalar_type());
 }
 
+// ------------------------------------------------- distributions.py's BernoulliHead.check
+// Whether every element of x is exactly 0 or 1 (NaN is neither): one pass over the elements, in
+// parallel blocks, counting the others, where ATen's (x == 0) | (x == 1) then .all() takes four
+// passes on bytes and allocates two tensors (a (128, 500, 88) batch on the 2-core Intel Xeon VM:
+// 0.6 vs 10.8 ms; an early exit per block ran 8x slower: gcc did not vectorize it)
+bool is_binary(const Tensor& x) {
+  const Tensor c = x.contiguous();
+  std::atomic<int64_t> others{0};
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "is_binary", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t lo, int64_t hi) {
+      int64_t n = 0;
+      for (int64_t i = lo; i < hi; ++i) n += (p[i] != scalar_t(0)) & (p[i] != scalar_t(1));
+      others += n;
+    });
+  });
+  return others.load() == 0;
+}
+
 // ------------------------------------------------- terms.py's _NormalKL: KL of diagonal Gaussians
 // The rows (i over the first two dimensions) of a 3-D tensor with contiguous units
 template <typename T>
@@ -1259,6 +1279,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vrnn_backward", &vrnn_backward, py::call_guard<py::gil_scoped_release>());
   m.def("bias_act", &bias_act, py::call_guard<py::gil_scoped_release>());
   m.def("grad_colsum", &grad_colsum, py::call_guard<py::gil_scoped_release>());
+  m.def("is_binary", &is_binary, py::call_guard<py::gil_scoped_release>());
   m.def("normal_kl", &normal_kl, py::call_guard<py::gil_scoped_release>());
   m.def("normal_kl_backward", &normal_kl_backward, py::call_guard<py::gil_scoped_release>());
   m.def("draw_forward", &draw_forward, py::call_guard<py::gil_scoped_release>());
