@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.autograd import Function
 from torch.distributions import (
     Bernoulli,
     Categorical,
@@ -67,6 +68,40 @@ def _scale(raw: Tensor, min_scale: float) -> Tensor:
     return F.softplus(raw) + min_scale
 
 
+class BernoulliLogits(Independent):
+    """Independent(Bernoulli(logits), 1), whose log_prob for (b, t, d) CPU float logits and values
+    takes one C++ pass each way (_BernoulliLogProb); torch's otherwise."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        logits = self.base_dist.logits
+        if (logits.dim() == 3 and value.shape == logits.shape and not value.requires_grad
+                and logits.stride(-1) == 1 and value.stride(-1) == 1 and helpers_for(logits, value) is not None
+                and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+            return _BernoulliLogProb.apply(logits, value)
+        return super().log_prob(value)
+
+
+class _BernoulliLogProb(Function):
+    """sum_d x_d l_d - softplus(l_d) for logits l and values x (b, t, d): log p(x) under
+    Bernoulli(sigmoid(l)), as torch's binary_cross_entropy_with_logits then the sum over d (for a
+    T=28, batch 128, 28-feature VRNN output ~0.65 ms forward and backward on a 2-core Intel Xeon
+    VM, several passes each way); its gradient for l is grad (x - sigmoid(l)). The C++ helpers
+    take one pass each way; a backward that is to be differentiated again (create_graph=True)
+    computes the gradient with autograd operations."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, x)
+        return helpers_for(logits, x).bernoulli_log_prob(logits, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, x = ctx.saved_tensors
+        if torch.is_grad_enabled():  # differentiable again
+            return grad.unsqueeze(-1) * (x - torch.sigmoid(logits)), None
+        return helpers_for(logits, x).bernoulli_log_prob_backward(grad, logits, x), None
+
+
 class BernoulliHead(nn.Module):
     """p(x) = prod_d Bernoulli(x_d; sigmoid(l_d)) on logits l: binary data."""
 
@@ -77,7 +112,7 @@ class BernoulliHead(nn.Module):
         return d
 
     def forward(self, params: Tensor) -> Distribution:
-        return Independent(Bernoulli(logits=params, validate_args=False), 1, validate_args=False)
+        return BernoulliLogits(Bernoulli(logits=params, validate_args=False), 1, validate_args=False)
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)

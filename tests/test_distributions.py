@@ -124,3 +124,46 @@ def test_bernoulli_check_finds_one_value_that_is_not_0_or_1_anywhere(path, dtype
                 assert y.view(-1)[pos] != 1  # (still not 1 in float32)
             with pytest.raises(ValueError, match="not binary|NaN or infinite"):
                 head.check(y)
+
+
+@pytest.mark.parametrize("path", ["C++", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bernoulli_log_prob_and_its_gradient_equal_torchs(path, dtype, monkeypatch):
+    """BernoulliLogits.log_prob (one C++ pass each way for (b, t, d) CPU tensors, in tiles of rows)
+    against torch's Bernoulli: time-major logits over many tiles with a partial last one, extreme
+    logits, and second derivatives (create_graph=True computes the gradient with autograd operations)."""
+    from torch.distributions import Bernoulli, Independent
+
+    from seqvae import distributions, native
+
+    if path == "torch":
+        monkeypatch.setattr(distributions, "helpers_for", lambda *ts: None)
+    elif native.helpers_for(torch.zeros(1)) is None:
+        pytest.skip("the C++ extension could not be built here (see the warning); the torch case runs")
+    g = torch.Generator().manual_seed(0)
+    b, t, d = 61, 29, 28  # 1769 rows of 28: tiles of 73 rows, the last partial
+    logits = (torch.randn(t, b, d, generator=g, dtype=torch.float64) * 8).transpose(0, 1)  # a (b, t, d) view
+    logits[0, 0, :6] = torch.tensor([100.0, -100.0, 30.0, -30.0, 0.0, 1e-8])
+    x = (torch.rand(b, t, d, generator=g) > 0.5).to(dtype)
+    got_logits = logits.to(dtype).transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    exact = logits.clone().requires_grad_()
+    dist = make_head("bernoulli")(got_logits)
+    lp = dist.log_prob(x)
+    want = Independent(Bernoulli(logits=exact), 1).log_prob(x.double())
+    assert (lp.grad_fn.name() == "_BernoulliLogProbBackward") == (path == "C++")
+    tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-4)
+    torch.testing.assert_close(lp.double(), want.detach(), **tol)
+    weights = torch.randn(b, t, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((lp * weights.to(dtype)).sum(), got_logits, create_graph=True)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), exact, create_graph=True)
+    torch.testing.assert_close(grad.double(), want_grad.detach(), rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                               atol=1e-6 if dtype == torch.float32 else 1e-12)
+    (second,) = torch.autograd.grad(grad.square().sum(), got_logits)
+    (want_second,) = torch.autograd.grad(want_grad.square().sum(), exact)
+    scale = want_second.abs().max().item()  # (float32: sigmoid' of large logits loses digits either way)
+    torch.testing.assert_close(second.double(), want_second, rtol=1e-4 if dtype == torch.float32 else 1e-12,
+                               atol=(1e-5 if dtype == torch.float32 else 1e-12) * scale)
+    # a 2-D batch, and values that need a gradient, take torch's path
+    assert make_head("bernoulli")(got_logits[0]).log_prob(x[0]).shape == (t,)
+    xg = x.clone().requires_grad_()
+    assert make_head("bernoulli")(got_logits).log_prob(xg).grad_fn.name() != "_BernoulliLogProbBackward"

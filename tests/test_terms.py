@@ -151,3 +151,22 @@ def test_plain_tensors_only_take_the_cpp_helpers():
         assert terms._native(m_q, s_q, m_p, s_p) is None
         assert _terms(m_q, s_q, m_p, s_p).kl().shape == (2, 3)
         assert MLP([4, 5])(torch.ones(2, 3, 4)).shape == (2, 3, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kl_over_many_tiles_of_rows(path, dtype):
+    """The C++ pass takes the rows in tiles (~2048 units each, copied from strided rows): a batch of
+    many tiles and a partial last one, of time-major views, against the formula in float64."""
+    b, s, z = 67, 29, 16  # 1943 rows of 16 units: tiles of 128 rows, the last partial
+    m_q, s_q, m_p, s_p = (t.detach() for t in _gaussians(b=b, s=s, z=z, seed=7))
+    args = [t.transpose(0, 1).contiguous().transpose(0, 1).to(dtype).requires_grad_() for t in (m_q, s_q, m_p, s_p)]
+    kl = _terms(*args).kl()
+    exact = [t.detach().double().requires_grad_() for t in args]
+    expected = _reference(*exact)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(kl.double(), expected.detach(), **tol)
+    weights = torch.randn(b, s, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    got = torch.autograd.grad((kl * weights.to(dtype)).sum(), args)
+    want = torch.autograd.grad((expected * weights).sum(), exact)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w, rtol=tol["rtol"], atol=tol["atol"] * w.abs().max().item())
