@@ -33,7 +33,7 @@ from torch.distributions import (
     constraints,
 )
 
-from .native import helpers_for
+from .native import hand_written_ok, helpers_for
 from .terms import diagonal_normal
 
 __all__ = [
@@ -70,13 +70,14 @@ def _scale(raw: Tensor, min_scale: float) -> Tensor:
 
 class BernoulliLogits(Independent):
     """Independent(Bernoulli(logits), 1), whose log_prob for (b, t, d) CPU float logits and values
-    takes one C++ pass each way (_BernoulliLogProb); torch's otherwise."""
+    takes one C++ pass each way (_BernoulliLogProb); torch's otherwise (and for values that need a
+    gradient; values are not validated, as the heads build it with validate_args=False)."""
 
     def log_prob(self, value: Tensor) -> Tensor:
         logits = self.base_dist.logits
-        if (logits.dim() == 3 and value.shape == logits.shape and not value.requires_grad
-                and logits.stride(-1) == 1 and value.stride(-1) == 1 and helpers_for(logits, value) is not None
-                and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+        if (self.reinterpreted_batch_ndims == 1 and logits.dim() == 3 and value.shape == logits.shape
+                and not value.requires_grad and logits.stride(-1) == 1 and value.stride(-1) == 1
+                and helpers_for(logits, value) is not None and hand_written_ok()):
             return _BernoulliLogProb.apply(logits, value)
         return super().log_prob(value)
 

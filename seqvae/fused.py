@@ -80,6 +80,7 @@ from torch.autograd import Function
 
 from . import gemm
 from .attention import _FAR, _LOG_MAX, _SIGMA2_MIN
+from .native import hand_written_ok
 from .native import load as _native
 from .nets import MIN_STD, first_order_only
 
@@ -88,14 +89,15 @@ __all__ = ["enabled", "draw_unroll", "vrnn_unroll", "vrnn_params"]
 
 def enabled(x: Tensor, *params: Tensor) -> bool:
     """Whether a whole-sequence kernel applies: training-time gradients on a CPU in float32/64,
-    outside torch.compile and autocast, x needing no gradient, and not switched off."""
+    outside torch.compile, torch.func transforms, forward-mode AD and autocast, x needing no
+    gradient, and not switched off."""
     return (
         torch.is_grad_enabled()
         and os.environ.get("SEQVAE_FUSED", "1") != "0"
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and not x.requires_grad
-        and not torch.compiler.is_compiling()
+        and hand_written_ok()
         and not torch.is_autocast_enabled("cpu")
         and all(p.dtype == x.dtype and p.device.type == "cpu" for p in params if p is not None)
     )
@@ -188,9 +190,10 @@ def _release(model, ws: _Workspace) -> None:
 
 
 def _guard(ctx, params) -> None:
-    """Remember the versions of the pass's parameters and initial states (all its tensor inputs
-    that may be parameters: a model's learned initial state comes in as a view of it): their
-    gradients are computed from the values of the forward."""
+    """Remember the versions of the pass's inputs that are parameters or may be views of them (DRAW's
+    initial canvas and states are its learned ones): their gradients are computed from the values
+    of the forward. (The VRNN's initial state is copied into the pass's buffers: changing it after
+    the forward changes nothing the backward reads.)"""
     ctx.versions = [(p, p._version) for p in params if p is not None]
 
 
@@ -746,7 +749,7 @@ class _VRNNSequence(Function):
             native.vrnn_forward(*args, blocks)
         else:
             _vrnn_forward(*args)
-        _guard(ctx, (h0, c0, w_q, b_px, w_cell, b_cx, w_hh, b_hh, *layer_params))
+        _guard(ctx, (w_q, b_px, w_cell, b_cx, w_hh, b_hh, *layer_params))
         ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
         ctx.dims = (n_q, n_z, lstm, b_h is not None, chunk, blocks)
         ctx.full = (w_q, w_cell)

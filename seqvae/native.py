@@ -77,6 +77,16 @@ def load():
     return _NATIVE[0]
 
 
+def hand_written_ok() -> bool:
+    """Whether autograd Functions with hand-written backwards and no forward-mode rule (the fused
+    passes, nets._Chain, the KL's and the Bernoulli log-likelihood's) may run: not while
+    torch.compile traces (it fuses the operations itself), under a torch.func transform (vmap,
+    grad, jvp) or with forward-mode AD's dual tensors (torch.autograd.forward_ad), where the plain
+    operations run."""
+    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0)
+
+
 def helpers_for(*tensors: Tensor):
     """The C++ build (its one-pass helpers) for plain float CPU tensors of one dtype, or None (then
     ATen's operations: other devices and dtypes, tensor subclasses such as FakeTensor, or no build)."""

@@ -135,13 +135,13 @@ def _chained(inputs: tuple, layers, last_relu: bool) -> bool:
     """Whether to run the layers as one _Chain: inputs batched over steps (3-D or more) with the
     same leading dimensions (the layers' own path broadcasts others), at least one layer, and
     neither autocast (which casts per operation), a compiled graph (which fuses itself), a
-    torch.func transform (vmap, grad, jvp: _Chain has a hand-written first-order backward only,
-    whose gradients refuse to be differentiated again), nor SEQVAE_FUSED=0 (autograd's own path)."""
+    torch.func transform (vmap, grad, jvp) nor forward-mode AD (_Chain has a hand-written
+    first-order backward only, whose gradients refuse to be differentiated again, and no
+    forward-mode rule), nor SEQVAE_FUSED=0 (autograd's own path)."""
     x = inputs[0]
     return (x.dim() >= 3 and len(layers) > 0 and all(t.shape[:-1] == x.shape[:-1] for t in inputs[1:])
             and os.environ.get("SEQVAE_FUSED", "1") != "0"
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
-            and not torch._C._are_functorch_transforms_active()
+            and not torch.is_autocast_enabled(x.device.type) and native.hand_written_ok()
             and all(isinstance(layer, StepLinear) for layer in layers))
 
 

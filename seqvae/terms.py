@@ -50,8 +50,7 @@ class Terms:
             return self.log_px.new_zeros(self.log_px.shape[:2])
         q, p = self.posterior.base_dist, self.prior.base_dist
         args = (q.loc, q.scale, p.loc, p.scale)
-        if (all(a.shape == args[0].shape for a in args[1:]) and not torch.compiler.is_compiling()
-                and not torch._C._are_functorch_transforms_active()):  # (vmap, grad, jvp: the formula)
+        if all(a.shape == args[0].shape for a in args[1:]) and native.hand_written_ok():  # (else the formula)
             return self._masked(_NormalKL.apply(*args))
         return self._masked(self._unit_kl().sum(-1))
 

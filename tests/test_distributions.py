@@ -126,6 +126,7 @@ def test_bernoulli_check_finds_one_value_that_is_not_0_or_1_anywhere(path, dtype
                 head.check(y)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # (torch's forward-mode AD uses it)
 @pytest.mark.parametrize("path", ["C++", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_bernoulli_log_prob_and_its_gradient_equal_torchs(path, dtype, monkeypatch):
@@ -154,16 +155,32 @@ def test_bernoulli_log_prob_and_its_gradient_equal_torchs(path, dtype, monkeypat
     tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-4)
     torch.testing.assert_close(lp.double(), want.detach(), **tol)
     weights = torch.randn(b, t, generator=g, dtype=torch.float64)
-    (grad,) = torch.autograd.grad((lp * weights.to(dtype)).sum(), got_logits, create_graph=True)
+    grad_tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    (plain,) = torch.autograd.grad((lp * weights.to(dtype)).sum(), got_logits, retain_graph=True)  # the C++ backward
+    (grad,) = torch.autograd.grad((lp * weights.to(dtype)).sum(), got_logits, create_graph=True)  # autograd's formula
     (want_grad,) = torch.autograd.grad((want * weights).sum(), exact, create_graph=True)
-    torch.testing.assert_close(grad.double(), want_grad.detach(), rtol=1e-6 if dtype == torch.float32 else 1e-12,
-                               atol=1e-6 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(plain.double(), want_grad.detach(), **grad_tol)
+    torch.testing.assert_close(grad.double(), want_grad.detach(), **grad_tol)
     (second,) = torch.autograd.grad(grad.square().sum(), got_logits)
     (want_second,) = torch.autograd.grad(want_grad.square().sum(), exact)
     scale = want_second.abs().max().item()  # (float32: sigmoid' of large logits loses digits either way)
     torch.testing.assert_close(second.double(), want_second, rtol=1e-4 if dtype == torch.float32 else 1e-12,
                                atol=(1e-5 if dtype == torch.float32 else 1e-12) * scale)
-    # a 2-D batch, and values that need a gradient, take torch's path
+    if path == "C++":  # infinite logits give the limits, 0 for the certain value and -inf for the
+        inf = float("inf")  # impossible one (torch's Bernoulli gives NaN for some of them)
+        edge = torch.tensor([[[inf, -inf, inf, -inf]]], dtype=dtype)
+        for values, want_lp in (([1.0, 0.0, 1.0, 0.0], 0.0), ([0.0, 0.0, 1.0, 0.0], -inf), ([1.0, 1.0, 1.0, 0.0], -inf)):
+            got = make_head("bernoulli")(edge).log_prob(torch.tensor([[values]], dtype=dtype)).item()
+            assert got == want_lp or abs(got - want_lp) < 1e-30, (values, got)  # (float32: exp(-inf) is ~1e-38)
+    # a 2-D batch, values that need a gradient, other event dimensions and forward-mode AD take torch's path
     assert make_head("bernoulli")(got_logits[0]).log_prob(x[0]).shape == (t,)
     xg = x.clone().requires_grad_()
     assert make_head("bernoulli")(got_logits).log_prob(xg).grad_fn.name() != "_BernoulliLogProbBackward"
+    two = distributions.BernoulliLogits(Bernoulli(logits=got_logits.detach()), 2)
+    torch.testing.assert_close(two.log_prob(x), Independent(Bernoulli(logits=got_logits.detach()), 2).log_prob(x))
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(got_logits.detach(), torch.ones_like(got_logits))
+        tangent = forward_ad.unpack_dual(make_head("bernoulli")(dual).log_prob(x)).tangent
+    torch.testing.assert_close(tangent.double(), (x.double() - torch.sigmoid(logits)).sum(-1), **grad_tol)

@@ -170,3 +170,15 @@ def test_kl_over_many_tiles_of_rows(path, dtype):
     want = torch.autograd.grad((expected * weights).sum(), exact)
     for a, w in zip(got, want):
         torch.testing.assert_close(a.double(), w, rtol=tol["rtol"], atol=tol["atol"] * w.abs().max().item())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # (torch's forward-mode AD uses it)
+def test_kl_under_forward_mode_ad(path):
+    """Dual tensors (torch.autograd.forward_ad) take the formula: the pass has no forward-mode rule."""
+    from torch.autograd import forward_ad
+
+    m_q, s_q, m_p, s_p = (t.detach() for t in _gaussians())
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(m_q, torch.ones_like(m_q))
+        tangent = forward_ad.unpack_dual(_terms(dual, s_q, m_p, s_p).kl()).tangent
+    assert torch.allclose(tangent, ((m_q - m_p) / s_p**2).sum(-1), rtol=1e-12, atol=1e-12)

@@ -872,13 +872,14 @@ inline void row_tiles(int64_t n, int64_t d, int nbuf, const F& f) {
   });
 }
 
-// the sums of each row's d values of a tile of r rows, into o
+// the sums of each row's d values of a tile of r rows, into o (added in double: a float32 sum
+// of thousands of terms in order would lose digits)
 template <typename T>
 inline void row_sums(const T* tile, int64_t r, int64_t d, T* o) {
   for (int64_t i = 0; i < r; ++i) {
-    T acc = 0;
-    for (int64_t j = 0; j < d; ++j) acc += tile[i * d + j];
-    o[i] = acc;
+    double acc = 0;
+    for (int64_t j = 0; j < d; ++j) acc += static_cast<double>(tile[i * d + j]);
+    o[i] = static_cast<T>(acc);
   }
 }
 
@@ -964,7 +965,9 @@ inline void check_bernoulli_args(const Tensor& l, const Tensor& x) {
               "seqvae bernoulli_log_prob: logits and values (b, t, x) of one shape and dtype with contiguous units expected");
 }
 
-// sum_j x_j l_j - softplus(l_j) over the last dimension, softplus(l) = max(l, 0) + log1p(exp(-|l|)): (b, t)
+// sum_j x_j l_j - softplus(l_j) over the last dimension: (b, t). With softplus(l) = max(l, 0) +
+// log1p(exp(-|l|)), each term is c l - log1p(exp(-|l|)), c = x - [l > 0], and c l is taken as 0
+// where c is 0, so that an infinite logit gives the limit (0, or -inf where x is the unlikely value)
 Tensor bernoulli_log_prob(const Tensor& l, const Tensor& x) {
   check_bernoulli_args(l, x);
   const int64_t d = l.size(2);
@@ -979,8 +982,10 @@ Tensor bernoulli_log_prob(const Tensor& l, const Tensor& x) {
       const scalar_t* v = t[1];
       _Pragma("omp simd")
       for (int64_t k = 0; k < (i1 - i0) * d; ++k) {
-        const scalar_t m = a[k] > scalar_t(0) ? a[k] : scalar_t(0), n = a[k] > scalar_t(0) ? -a[k] : a[k];
-        a[k] = v[k] * a[k] - m - log1p_<scalar_t>(exp_<scalar_t>(n));
+        const bool pos = a[k] > scalar_t(0);
+        const scalar_t c = pos ? v[k] - scalar_t(1) : v[k], n = pos ? -a[k] : a[k];
+        const scalar_t cl = c * a[k];
+        a[k] = (c != scalar_t(0) ? cl : scalar_t(0)) - log1p_<scalar_t>(exp_<scalar_t>(n));
       }
       row_sums(a, i1 - i0, d, o + i0);
     });
