@@ -80,8 +80,7 @@ from torch.autograd import Function
 
 from . import gemm
 from .attention import _FAR, _LOG_MAX, _SIGMA2_MIN
-from .native import hand_written_ok
-from .native import load as _native
+from .native import hand_written_ok, load as _native
 from .nets import MIN_STD, first_order_only
 
 __all__ = ["enabled", "draw_unroll", "vrnn_unroll", "vrnn_params"]
@@ -752,7 +751,6 @@ class _VRNNSequence(Function):
         _guard(ctx, (w_q, b_px, w_cell, b_cx, w_hh, b_hh, *layer_params))
         ctx.model, ctx.ws, ctx.generation, ctx.native = model, ws, ws.generation, native
         ctx.dims = (n_q, n_z, lstm, b_h is not None, chunk, blocks)
-        ctx.full = (w_q, w_cell)
         ctx.weights = weights
         ctx.save_for_backward(mask, fx, hs, fz, out_seq, z_seq)
         c_last = w["c"][steps].clone() if lstm else h0.new_empty(0)
@@ -785,7 +783,6 @@ class _VRNNSequence(Function):
         first = ctx.native.vrnn_backward(*args, blocks) if ctx.native is not None else _vrnn_backward(*args)
         _release(model, ws)
         # the whole parameters' gradients from their blocks' (column-major, as the accumulators)
-        w_q, w_cell = ctx.full
         f = fx.shape[2]
         g_q = torch.cat([grads[0], grads[4][:f]], 1)  # [phi_x | h] columns of the posterior's first layer
         g_cell = torch.cat([grads[2], grads[6], *([grads[4][f:]] if lstm else [])], 1)  # [phi_x | phi_z (| h)]
