@@ -550,38 +550,37 @@ def _gru_forward(gi: Tensor, gh: Tensor, h: Tensor, h_out: Tensor) -> None:
     torch.lerp(n, h, ru[:, d:], out=h_out)
 
 
-def _gru_backward(dh: Tensor, acts: Tensor, ghn: Tensor, h: Tensor, dgi: Tensor, dgh: Tensor) -> Tensor:
+def _gru_backward(dh: Tensor, acts: Tensor, ghn: Tensor, h: Tensor, dgi: Tensor, dnr: Tensor) -> Tensor:
     """Gradients of a GRU update (acts from _gru_forward, ghn the hidden gates' n block): the input
-    and hidden gates' into dgi, dgh (b, 3d); returns the gradient of h through h' = n + u (h - n)."""
+    gates' into dgi (b, 3d), the hidden gates' n block into dnr (b, d) (their r and u blocks are
+    dgi's); returns the gradient of h through h' = n + u (h - n)."""
     d = h.shape[-1]
     r, u, n = acts[:, :d], acts[:, d : 2 * d], acts[:, 2 * d :]
     dn = torch.mul(dh - dh * u, 1 - n * n, out=dgi[:, 2 * d :])  # through tanh
-    torch.mul(dn, r, out=dgh[:, 2 * d :])
+    torch.mul(dn, r, out=dnr)
     torch.mul(dn, ghn, out=dgi[:, :d])
     torch.mul(dh, h - n, out=dgi[:, d : 2 * d])
     ru = acts[:, : 2 * d]
     dgi[:, : 2 * d].mul_(ru - ru * ru)  # through the sigmoids
-    dgh[:, : 2 * d] = dgi[:, : 2 * d]
     return dh * u
 
 
 CHUNK = 64  # VRNN steps per block of the batched products inside the pass (phi_x's maps, the weight gradients)
 
 
-def _vrnn_forward(fx, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_seq, gates_seq, tc_seq, hq,
-                  w_px, b_px, w_cx, b_cx, w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std, chunk) -> None:
+def _vrnn_forward(fx, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_seq, xg, gates_seq, tc_seq, hq,
+                  w_x, b_px, b_cx, w_h, b_h, q_w, q_b, z_w, z_b, w_cz, lstm, min_std, chunk) -> None:
     """The VRNN's forward loop (csrc/fused.cpp `vrnn_forward`, in Python): fills the buffers.
 
-    phi_x's shares of the q-net's first layer and of the cell's gates are written for a chunk
-    of steps at once straight into the step buffers they start (acts[0], gates_seq); the
-    biases are added step by step with the h parts (no bias copied into an output first)."""
+    phi_x's shares of the q-net's first layer and of the cell's gates (w_x: their weights'
+    phi_x columns, stacked) are written for a chunk of steps at once, by one product, straight
+    into the step buffers they start (xg, whose rows are [acts[0] | gates_seq]); the biases are
+    added step by step with the h parts (no bias copied into an output first)."""
     steps, b, f = fx.shape
-    nz, g, d = eps.shape[2], w_cx.shape[0], hs.shape[2]
+    nz, g, d = eps.shape[2], gates_seq.shape[2], hs.shape[2]
     for s0 in range(0, steps, chunk):
         n = min(chunk, steps - s0)
-        fx_c = fx[s0 : s0 + n].reshape(n * b, f)
-        torch.mm(fx_c, w_px.t(), out=acts[0][s0 : s0 + n].view(n * b, f))  # phi_x's share of the q-net's first layer
-        torch.mm(fx_c, w_cx.t(), out=gates_seq[s0 : s0 + n].view(n * b, g))  # and of the cell's gates
+        torch.mm(fx[s0 : s0 + n].reshape(n * b, f), w_x.t(), out=xg[s0 : s0 + n].view(n * b, f + g))
         for t in range(s0, s0 + n):
             h = hs[t]
             torch.mm(h, w_h.t(), out=hq)
@@ -609,7 +608,7 @@ def _vrnn_forward(fx, mask, hs, cs, ghn, acts, fzs, out_seq, scale_seq, eps, z_s
                     torch.where(keep, cs[t + 1], cs[t], out=cs[t + 1])
 
 
-def _accumulate(dst: Tensor, a: Tensor, b: Tensor, dbias: Tensor | None) -> None:
+def _accumulate(dst: Tensor, a: Tensor, b: Tensor, dbias: Tensor | None = None) -> None:
     """dst += a^T b over the rows of the (n, b, .) blocks a and b; dbias += a's column sums.
 
     The VRNN's weight accumulators are column-major (transposed views of (in, out) tensors), so
@@ -623,13 +622,20 @@ def _accumulate(dst: Tensor, a: Tensor, b: Tensor, dbias: Tensor | None) -> None
 
 
 def _vrnn_backward(dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, fx, hs, cs, ghn, acts, fzs, out_seq,
-                   eps, z_seq, gates_seq, tc_seq, d_h, dgates_c, dout_c, dqs, dzs, dfx, w_px, w_cx, w_h, q_w, z_w, w_cz,
+                   eps, z_seq, gates_seq, tc_seq, d_h, dout_c, dqs, dzs, dfx, w_x, w_h, q_w, z_w, w_cz,
                    grads, lstm, has_bias, chunk) -> list[Tensor]:
     """The VRNN's backward loop (csrc/fused.cpp `vrnn_backward`, in Python), a chunk at a time from
     the end: the steps' gradients into the chunk's buffers, then the chunk's share of every
-    weight's gradient (added into `grads`) and of phi_x's (dfx). Returns those of h_0 (and c_0)."""
+    weight's gradient (added into `grads`: see _VRNNSequence.backward) and of phi_x's (dfx).
+    Returns those of h_0 (and c_0).
+
+    A step's row of d_h is [dn r (the GRU's only) | the q-net's first layer's | the input gates']:
+    its first f + g columns are the gradient of the stacked h products (w_h's rows in that
+    order: for the GRU [n | q | r | u], the hidden gates' r and u gradients being the input
+    gates'), its last f + g that of phi_x's products (w_x's rows), its last g the gates'."""
     steps, b, f = fx.shape
-    nz, n_q, n_z = eps.shape[2], len(q_w), len(z_w)
+    nz, n_q, n_z, g, d = eps.shape[2], len(q_w), len(z_w), gates_seq.shape[2], hs.shape[2]
+    e = d_h.shape[2] - f - g
     for s0 in reversed(range(0, steps, chunk)):
         n = min(chunk, steps - s0)
         for t in reversed(range(s0, s0 + n)):
@@ -640,15 +646,14 @@ def _vrnn_backward(dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask,
                 dh_skip, dh = torch.where(keep, 0.0, dh), torch.where(keep, dh, 0.0)
                 if lstm:
                     dc_skip, dc = torch.where(keep, 0.0, dc), torch.where(keep, dc, 0.0)
-            dgates, dgh = dgates_c[k], d_h[k, :, f:]
+            dgates = d_h[k, :, e + f :]
             dh_direct = None
             if lstm:
                 dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates)
                 if dc_skip is not None:
                     dc = dc + dc_skip
-                dgh.copy_(dgates)
             else:
-                dh_direct = _gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, dgh)
+                dh_direct = _gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, d_h[k, :, :e])
             dfz = dgates @ w_cz if dfz_out is None else torch.addmm(dfz_out[t], dgates, w_cz)
             for i in reversed(range(n_z)):  # phi_z
                 dfz = _relu_backward(dfz, fzs[i][t], dzs[i][k]) @ z_w[i]
@@ -663,27 +668,29 @@ def _vrnn_backward(dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask,
             da = dout @ q_w[-1]
             for i in reversed(range(1, n_q)):  # the q-net's hidden layers
                 da = _relu_backward(da, acts[i][t], dqs[i - 1][k]) @ q_w[i - 1]
-            _relu_backward(da, acts[0][t], d_h[k, :, :f])
-            dh = d_h[k] @ w_h
+            _relu_backward(da, acts[0][t], d_h[k, :, e : e + f])
+            dh = d_h[k, :, : f + g] @ w_h
             for extra in (dh_direct, dh_skip, None if dh_prev is None else dh_prev[t]):
                 if extra is not None:
                     dh += extra
         # the chunk's share of the weights' gradients and of phi_x's
-        d_hc, dgc = d_h[:n], dgates_c[:n]
-        dpost, fx_c = d_hc[:, :, :f], fx[s0 : s0 + n]
-        dfx_c = dfx[s0 : s0 + n].view(n * b, f)
-        torch.mm(dpost.reshape(n * b, f), w_px, out=dfx_c)
-        dfx_c.addmm_(dgc.reshape(n * b, -1), w_cx)
-        _accumulate(grads[0], dpost, fx_c, grads[1])
-        _accumulate(grads[2], dgc, fx_c, grads[3])
-        _accumulate(grads[4], d_hc, hs[s0 : s0 + n], grads[5] if has_bias else None)
-        _accumulate(grads[6], dgc, fzs[-1][s0 : s0 + n], None)
+        d_hc, fx_c = d_h[:n], fx[s0 : s0 + n]
+        dx = d_hc[:, :, e:]
+        torch.mm(dx.reshape(n * b, f + g), w_x, out=dfx[s0 : s0 + n].view(n * b, f))
+        _accumulate(grads[0], dx, fx_c)
+        sums = d_hc.reshape(n * b, -1).sum(0)  # the biases': [b_q,x | b_cell,x], and b_hh's [r, u | n]
+        grads[1] += sums[e : e + f]
+        grads[2] += sums[e + f :]
+        if has_bias:
+            grads[4] += torch.cat([sums[e + f : e + f + 2 * d], sums[:d]])
+        _accumulate(grads[3], d_hc[:, :, : f + g], hs[s0 : s0 + n])
+        _accumulate(grads[5], d_hc[:, :, e + f :], fzs[-1][s0 : s0 + n])
         for i in range(n_q):
             dpre = dout_c[:n] if i == n_q - 1 else dqs[i][:n]
-            _accumulate(grads[7 + 2 * i], dpre, acts[i][s0 : s0 + n], grads[8 + 2 * i])
+            _accumulate(grads[6 + 2 * i], dpre, acts[i][s0 : s0 + n], grads[7 + 2 * i])
         for i in range(n_z):
             inputs = z_seq if i == 0 else fzs[i - 1]
-            _accumulate(grads[7 + 2 * n_q + 2 * i], dzs[i][:n], inputs[s0 : s0 + n], grads[8 + 2 * n_q + 2 * i])
+            _accumulate(grads[6 + 2 * n_q + 2 * i], dzs[i][:n], inputs[s0 : s0 + n], grads[7 + 2 * n_q + 2 * i])
     return [dh, dc] if lstm else [dh]
 
 
@@ -710,7 +717,7 @@ class _VRNNSequence(Function):
         d, nz, lstm, g = h0.shape[1], model.z_size, c0 is not None, w_cell.shape[0]
         # the parameters come whole (slices and concatenations made here, outside autograd, cost a
         # weight-sized zero fill and copy each in the backward); their blocks:
-        w_px, w_cx = w_q[:, :f], w_cell[:, :f]  # the phi_x columns of the posterior's first layer and of the cell
+        w_x = torch.cat([w_q[:, :f], w_cell[:, :f]])  # the phi_x columns of the posterior's first layer and of the cell
         w_cz = w_cell[:, f : 2 * f]  # the cell's phi_z columns
         w_h = torch.cat([w_q[:, f:], w_cell[:, 2 * f :] if lstm else w_hh])  # both products of h_{t-1}, stacked
         b_h = None if lstm else torch.cat([b_hh.new_zeros(f), b_hh])  # the GRU's hidden bias, after H_cell
@@ -719,18 +726,19 @@ class _VRNNSequence(Function):
         chunk = min(CHUNK, steps)
         ws = _lease(model, steps, {  # first size: steps added (all T steps: what the backward reads)
             "c": (1, b, d) if lstm else (0, 0), "ghn": (0, 0) if lstm else (0, b, d),
-            **{f"a{i}": (0, b, f) for i in range(n_q)},  # the q-net's hidden activations
+            "xg": (0, b, f + g),  # [the q-net's first hidden activation | the cell's gates]: see _vrnn_forward
+            **{f"a{i}": (0, b, f) for i in range(1, n_q)},  # the q-net's later hidden activations
             **{f"f{i}": (0, b, f) for i in range(n_z - 1)},  # phi_z's (the last is an output)
-            "eps": (0, b, nz), "gates": (0, b, g), "tc": (0, b, d) if lstm else (0, 0),
+            "eps": (0, b, nz), "tc": (0, b, d) if lstm else (0, 0),
         }, fx, fixed={  # one chunk's worth
             "H": (b, f + g),
-            "dH": (chunk, b, f + g), "dgates": (chunk, b, g), "dout": (chunk, b, 2 * nz),
+            "dH": (chunk, b, (0 if lstm else d) + f + g), "dout": (chunk, b, 2 * nz),  # dH: see _vrnn_backward
             **{f"dq{i}": (chunk, b, f) for i in range(n_q - 1)}, **{f"dz{i}": (chunk, b, f) for i in range(n_z)},
         })
         w = ws.views
-        weights = [p if p.stride(-1) == 1 else p.contiguous() for p in (w_px, b_px, w_cx, b_cx, w_h, w_cz, *layer_params)]
-        q_w, q_b = weights[6 : 6 + 2 * n_q : 2], weights[7 : 6 + 2 * n_q : 2]
-        z_w, z_b = weights[6 + 2 * n_q :: 2], weights[7 + 2 * n_q :: 2]
+        weights = [p if p.stride(-1) == 1 else p.contiguous() for p in (w_x, b_px, b_cx, w_h, w_cz, *layer_params)]
+        q_w, q_b = weights[5 : 5 + 2 * n_q : 2], weights[6 : 5 + 2 * n_q : 2]
+        z_w, z_b = weights[5 + 2 * n_q :: 2], weights[6 + 2 * n_q :: 2]
         new = fx.new_empty
         hs, fz = new(steps + 1, b, d), new(steps, b, f)  # outputs (h_{t-1}, phi_z(z_t)), kept for the backward
         out_seq, z_seq, scale_seq = new(steps, b, 2 * nz), new(steps, b, nz), new(steps, b, nz)
@@ -738,11 +746,10 @@ class _VRNNSequence(Function):
         if lstm:
             w["c"][0] = c0
         fx = fx.contiguous()
-        acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
+        acts, fzs = _acts(w, f, n_q), [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
         native = _native()
-        args = (fx, mask, hs, w["c"], w["ghn"], acts, fzs, out_seq, scale_seq, w["eps"], z_seq, w["gates"], w["tc"],
-                w["H"], weights[0], weights[1], weights[2], weights[3], weights[4], b_h,
-                q_w, q_b, z_w, z_b, weights[5], lstm, MIN_STD, chunk)
+        args = (fx, mask, hs, w["c"], w["ghn"], acts, fzs, out_seq, scale_seq, w["eps"], z_seq, w["xg"],
+                w["xg"][..., f:], w["tc"], w["H"], *weights[:4], b_h, q_w, q_b, z_w, z_b, weights[4], lstm, MIN_STD, chunk)
         blocks = _blocks(b) if native is not None else 1  # C++: the batch in blocks of rows, one thread each
         if native is not None:
             native.vrnn_forward(*args, blocks)
@@ -765,31 +772,39 @@ class _VRNNSequence(Function):
         mask, fx, hs, fz, out_seq, z_seq = ctx.saved_tensors
         weights = ctx.weights
         b, d = hs.shape[1], hs.shape[2]
-        acts, fzs = [w[f"a{i}"] for i in range(n_q)], [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
+        f = fx.shape[2]
+        acts, fzs = _acts(w, f, n_q), [w[f"f{i}"] for i in range(n_z - 1)] + [fz]
         dqs, dzs = [w[f"dq{i}"] for i in range(n_q - 1)], [w[f"dz{i}"] for i in range(n_z)]
         dh = hs.new_zeros(b, d) if dh is None else dh
         dc = (hs.new_zeros(b, d) if dc is None else dc) if lstm else hs.new_empty(0)
-        # accumulators: W_q,x, b_q,x, W_cell,x, b_cell,x, W_h, b_h, W_cell,z, then each layer's (W, b)
+        w_x, w_h, w_cz = weights[0], weights[3], weights[4]
+        if not lstm:  # dH's order for the GRU: [n | q | r | u] (see _vrnn_backward)
+            w_h = torch.cat([w_h[f + 2 * d :], w_h[: f + 2 * d]])
+        # accumulators: W_x, b_q,x, b_cell,x, W_h, b_hh, W_cell,z, then each layer's (W, b)
         def zeros(p):  # a weight's (2-D) accumulator column-major: see _accumulate
             return p.new_zeros(p.shape[::-1]).t() if p.dim() == 2 else torch.zeros_like(p)
 
-        grads = [zeros(p) for p in weights[:5]] + [hs.new_zeros(weights[4].shape[0])]
-        grads += [zeros(weights[5])] + [zeros(p) for p in weights[6:]]
+        grads = [zeros(p) for p in (w_x, *weights[1:3], w_h)] + [hs.new_zeros(0 if lstm else w_h.shape[0] - f)]
+        grads += [zeros(p) for p in weights[4:]]
         dfx = torch.empty_like(fx)
         args = (dh_prev, dz_out, dfz_out, dloc_out, dscale_out, dh, dc, mask, fx, hs, w["c"], w["ghn"], acts, fzs,
-                out_seq, w["eps"], z_seq, w["gates"], w["tc"], w["dH"], w["dgates"], w["dout"], dqs, dzs, dfx,
-                weights[0], weights[2], weights[4], weights[6 : 6 + 2 * n_q : 2], weights[6 + 2 * n_q :: 2],
-                weights[5], grads, lstm, has_bias, chunk)
+                out_seq, w["eps"], z_seq, w["xg"][..., f:], w["tc"], w["dH"], w["dout"], dqs, dzs, dfx,
+                w_x, w_h, weights[5 : 5 + 2 * n_q : 2], weights[5 + 2 * n_q :: 2], w_cz, grads, lstm, has_bias, chunk)
         first = ctx.native.vrnn_backward(*args, blocks) if ctx.native is not None else _vrnn_backward(*args)
         _release(model, ws)
         # the whole parameters' gradients from their blocks' (column-major, as the accumulators)
-        f = fx.shape[2]
-        g_q = torch.cat([grads[0], grads[4][:f]], 1)  # [phi_x | h] columns of the posterior's first layer
-        g_cell = torch.cat([grads[2], grads[6], *([grads[4][f:]] if lstm else [])], 1)  # [phi_x | phi_z (| h)]
-        g_hh = None if lstm else grads[4][f:]
-        gb_hh = grads[5][f:] if has_bias else None
-        return (None, dfx, first[0], first[1] if lstm else None, None, g_q, grads[1], g_cell, grads[3], g_hh, gb_hh,
-                *grads[7:])
+        g_x, g_h = grads[0], grads[3]
+        g_hq = g_h[:f] if lstm else g_h[d : d + f]
+        g_hc = g_h[f:] if lstm else torch.cat([g_h[d + f :], g_h[:d]])  # the cell's, in its order
+        g_q = torch.cat([g_x[:f], g_hq], 1)  # [phi_x | h] columns of the posterior's first layer
+        g_cell = torch.cat([g_x[f:], grads[5], *([g_hc] if lstm else [])], 1)  # [phi_x | phi_z (| h)]
+        return (None, dfx, first[0], first[1] if lstm else None, None, g_q, grads[1], g_cell, grads[2],
+                None if lstm else g_hc, grads[4] if has_bias else None, *grads[6:])
+
+
+def _acts(w: dict, f: int, n_q: int) -> list[Tensor]:
+    """The q-net's hidden activations in a VRNN pass's workspace: the first is xg's first f columns."""
+    return [w["xg"][..., :f]] + [w[f"a{i}"] for i in range(1, n_q)]
 
 
 def vrnn_params(model) -> tuple:

@@ -123,30 +123,27 @@ void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Ten
   });
 }
 
-// the gradients of the input and hidden gates (dgi, dgh, each (b, 3d)) given gh's n block ghn (b, d);
-// returns dh u (through h' = n + u (h - n))
-Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, const Tensor& h, Tensor dgi, Tensor dgh) {
+// the gradients of the input gates' pre-activations into dgi (b, 3d) and of the hidden gates' n
+// block into dnr (b, d), given gh's n block ghn (b, d); the hidden gates' r and u gradients are
+// dgi's (the caller reads them there); returns dh u (through h' = n + u (h - n))
+Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, const Tensor& h, Tensor dgi, Tensor dnr) {
   const int64_t b = h.size(0), d = h.size(1);
   Tensor dhc = dh.contiguous();  // the incoming gradient may have any layout (row() reads rows of contiguous units)
   Tensor dh_direct = at::empty_like(dhc);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
-    const Mat<scalar_t> as(acts), kns(ghn), hps(h), gs(dhc), dis(dgi), dks(dgh), dds(dh_direct);
+    const Mat<scalar_t> as(acts), kns(ghn), hps(h), gs(dhc), dis(dgi), dns(dnr), dds(dh_direct);
     rows(b, d, [&](int64_t i) {
       const scalar_t *a = as.at(i), *kn = kns.at(i), *hp = hps.at(i);
       const scalar_t* g = gs.at(i);
-      scalar_t *di = dis.at(i), *dk = dks.at(i), *dd = dds.at(i);
+      scalar_t *di = dis.at(i), *dk = dns.at(i), *dd = dds.at(i);
       _Pragma("omp simd")
       for (int64_t j = 0; j < d; ++j) {
         const scalar_t r = a[j], u = a[d + j], n = a[2 * d + j];
         const scalar_t dn = g[j] * (1 - u) * (1 - n * n);
-        const scalar_t dr = dn * kn[j] * r * (1 - r);
-        const scalar_t du = g[j] * (hp[j] - n) * u * (1 - u);
-        di[j] = dr;
-        di[d + j] = du;
+        di[j] = dn * kn[j] * r * (1 - r);
+        di[d + j] = g[j] * (hp[j] - n) * u * (1 - u);
         di[2 * d + j] = dn;
-        dk[j] = dr;
-        dk[d + j] = du;
-        dk[2 * d + j] = dn * r;
+        dk[j] = dn * r;
         dd[j] = g[j] * u;
       }
     });
@@ -538,24 +535,27 @@ inline void colsums(const Seq<T>& q, int64_t k, int64_t r, const Tensor& sum) {
 // step s0 + n to step s0. Returns {dh, dc} at s0. As in the forward, the products are gemm_nn's
 // (into buffers of this call) and what lies between them is done in raw loops over the rows; the
 // rows of the gradients each step writes are added into the block's bias sums (`sums`).
+// d_h's rows are [dn r (GRU only: e = d columns) | the q-net's first layer (f) | the cell's input
+// gates (g)] (fused.py _vrnn_backward): its first f + g columns are the gradient of the stacked
+// h products (w_h's rows in that order), its last f + g that of phi_x's, its last g the gates'.
 template <typename T>
 std::vector<Tensor> vrnn_back_steps(
     int64_t s0, int64_t n, const c10::optional<Tensor>& dh_prev, const c10::optional<Tensor>& dz_out,
     const c10::optional<Tensor>& dfz_out, const c10::optional<Tensor>& dloc_out,
     const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc, const c10::optional<Tensor>& mask, Tensor hs,
     Tensor cs, Tensor ghn, const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq,
-    const Tensor& eps, Tensor gates_seq, Tensor tc_seq, Tensor d_h, Tensor dgates_c, Tensor dout_c,
+    const Tensor& eps, Tensor gates_seq, Tensor tc_seq, Tensor d_h, Tensor dout_c,
     const std::vector<Tensor>& dqs, const std::vector<Tensor>& dzs, const Tensor& w_h, const std::vector<Tensor>& q_w,
     const std::vector<Tensor>& z_w, const Tensor& w_cz, bool lstm, int64_t f, const std::vector<Tensor>& sums) {
   const int64_t nz = eps.size(2), n_q = q_w.size(), n_z = z_w.size(), width = d_h.size(2), r = hs.size(1);
-  const int64_t d = hs.size(2);
+  const int64_t d = hs.size(2), g = gates_seq.size(2), e = width - f - g;
   // this call's buffers: the gradient reaching phi_z's output (and each layer's input), the
   // q-net's, dz, and dh (a new tensor: the dh passed in may be the caller's)
   Tensor g_f = at::empty({r, f}, hs.options()), da = at::empty({r, f}, hs.options());
   Tensor dz = at::empty({r, nz}, hs.options());
   Tensor dh_bufs[2] = {at::empty({r, d}, hs.options()), at::empty({r, d}, hs.options())};  // written in turn
   const Mat<T> gm(g_f), dam(da), dzm(dz);
-  const Seq<T> outs(out_seq), epss(eps), dhs_seq(d_h), dgs(dgates_c), douts(dout_c), a0s(acts[0]);
+  const Seq<T> outs(out_seq), epss(eps), dhs_seq(d_h), douts(dout_c), a0s(acts[0]);
   std::vector<Seq<T>> zin, qin, dzseq, dqseq;  // phi_z's outputs (fzs), the q-net's activations, their gradients
   for (const Tensor& t : fzs) zin.emplace_back(t);
   for (const Tensor& t : acts) qin.emplace_back(t);
@@ -576,14 +576,13 @@ std::vector<Tensor> vrnn_back_steps(
         dc = at::where(keep, dc, 0.0);
       }
     }
-    Tensor dgates = dgates_c[k];
+    Tensor dhk = d_h[k], dgates = dhk.narrow(1, e + f, g);
     Tensor dh_direct;
     if (lstm) {
       dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates);
       if (mask.has_value()) dc = dc + dc_skip;
-      d_h[k].narrow(1, f, width - f).copy_(dgates);
     } else {
-      dh_direct = gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, d_h[k].narrow(1, f, width - f));
+      dh_direct = gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, dhk.narrow(1, 0, e));
     }
     gemm_nn(g_f, dgates, w_cz);  // the gradient of phi_z's output: from the gates (+ dfz_out)
     if (dfz_out_s) {
@@ -617,9 +616,9 @@ std::vector<Tensor> vrnn_back_steps(
       for (int64_t i = 0; i < r; ++i) relu_grad<T>(dqseq[l - 1].at(k, i), dam.at(i), qin[l].at(t, i), f);
       gemm_nn(da, dqs[l - 1][k], q_w[l - 1]);
     }
-    for (int64_t i = 0; i < r; ++i) relu_grad<T>(dhs_seq.at(k, i), dam.at(i), a0s.at(t, i), f);
+    for (int64_t i = 0; i < r; ++i) relu_grad<T>(dhs_seq.at(k, i) + e, dam.at(i), a0s.at(t, i), f);
     Tensor dh_new = dh_bufs[t & 1];  // (dh, this step's input, is the caller's or the other buffer)
-    gemm_nn(dh_new, d_h[k], w_h);
+    gemm_nn(dh_new, dhk.narrow(1, 0, f + g), w_h);
     const bool direct = dh_direct.defined(), skip = dh_skip.defined();
     const Tensor dd = direct ? dh_direct : dh_new, ds = skip ? dh_skip.contiguous() : dh_new;
     const Mat<T> dhm(dh_new), ddm(dd), dsm(ds);
@@ -638,10 +637,9 @@ std::vector<Tensor> vrnn_back_steps(
     // the biases' gradients: this step's rows of the pre-activations' gradients added into the
     // block's column sums (in double), while they are in cache
     colsums<T>(dhs_seq, k, r, sums[0]);
-    colsums<T>(dgs, k, r, sums[1]);
-    colsums<T>(douts, k, r, sums[2]);
-    for (int64_t l = 0; l < n_q - 1; ++l) colsums<T>(dqseq[l], k, r, sums[3 + l]);
-    for (int64_t l = 0; l < n_z; ++l) colsums<T>(dzseq[l], k, r, sums[2 + n_q + l]);
+    colsums<T>(douts, k, r, sums[1]);
+    for (int64_t l = 0; l < n_q - 1; ++l) colsums<T>(dqseq[l], k, r, sums[2 + l]);
+    for (int64_t l = 0; l < n_z; ++l) colsums<T>(dzseq[l], k, r, sums[1 + n_q + l]);
   }
   return {dh, dc};
 }
@@ -650,16 +648,17 @@ std::vector<Tensor> vrnn_back_steps(
 
 // The VRNN's forward over all steps (fused.py _vrnn_forward), `chunk` steps at a time: the
 // phi_x parts of the posterior's first layer and of the cell's gates for a chunk (over the whole
-// batch), then its steps with the batch in `blocks` blocks of rows, one thread each. eps is
-// drawn here, step by step, before the loops (the step loop's random numbers).
+// batch; one product, into xg, whose rows are [acts[0] | gates_seq]), then its steps with the
+// batch in `blocks` blocks of rows, one thread each. eps is drawn here, step by step, before
+// the loops (the step loop's random numbers).
 void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
                   std::vector<Tensor> acts, std::vector<Tensor> fzs, Tensor out_seq, Tensor scale_seq, Tensor eps,
-                  Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor hq,
-                  const Tensor& w_px, const Tensor& b_px, const Tensor& w_cx, const Tensor& b_cx, const Tensor& w_h,
+                  Tensor z_seq, Tensor xg, Tensor gates_seq, Tensor tc_seq, Tensor hq,
+                  const Tensor& w_x, const Tensor& b_px, const Tensor& b_cx, const Tensor& w_h,
                   const c10::optional<Tensor>& b_h, std::vector<Tensor> q_w, std::vector<Tensor> q_b,
                   std::vector<Tensor> z_w, std::vector<Tensor> z_b, const Tensor& w_cz, bool lstm, double min_std,
                   int64_t chunk, int64_t blocks) {
-  const int64_t steps = fx.size(0), b = fx.size(1), f = fx.size(2), g = w_cx.size(0);
+  const int64_t steps = fx.size(0), b = fx.size(1), f = fx.size(2), xw = w_x.size(0);
   for (int64_t t = 0; t < steps; ++t) eps[t].normal_();
   // the step products' weights as (in, out) rows, for gemm_nn
   auto rows_in = [](const Tensor& w) { return w.t().contiguous(); };
@@ -671,8 +670,7 @@ void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs
     const int64_t n = std::min(chunk, steps - s0);
     Tensor fx_c = fx.narrow(0, s0, n).reshape({n * b, f});
     // phi_x's shares straight into the buffers they start (the biases are added per step)
-    at::mm_out(lv(acts[0].narrow(0, s0, n).view({n * b, f})), fx_c, w_px.t());
-    at::mm_out(lv(gates_seq.narrow(0, s0, n).view({n * b, g})), fx_c, w_cx.t());
+    at::mm_out(lv(xg.narrow(0, s0, n).view({n * b, xw})), fx_c, w_x.t());
     by_blocks(b, blocks, [&](int64_t, int64_t lo, int64_t rows) {
       auto r = [&](const Tensor& t) { return rows_of(t, 1, lo, rows, b); };
       auto rs = [&](const std::vector<Tensor>& ts) { return rows_of(ts, 1, lo, rows, b); };
@@ -695,11 +693,13 @@ std::vector<Tensor> vrnn_backward(
     const c10::optional<Tensor>& dloc_out, const c10::optional<Tensor>& dscale_out, Tensor dh, Tensor dc,
     const c10::optional<Tensor>& mask, const Tensor& fx, Tensor hs, Tensor cs, Tensor ghn, std::vector<Tensor> acts,
     std::vector<Tensor> fzs, Tensor out_seq, Tensor eps, Tensor z_seq, Tensor gates_seq, Tensor tc_seq, Tensor d_h,
-    Tensor dgates_c, Tensor dout_c, std::vector<Tensor> dqs, std::vector<Tensor> dzs, Tensor dfx, const Tensor& w_px,
-    const Tensor& w_cx, const Tensor& w_h, std::vector<Tensor> q_w, std::vector<Tensor> z_w, const Tensor& w_cz,
+    Tensor dout_c, std::vector<Tensor> dqs, std::vector<Tensor> dzs, Tensor dfx, const Tensor& w_x,
+    const Tensor& w_h, std::vector<Tensor> q_w, std::vector<Tensor> z_w, const Tensor& w_cz,
     std::vector<Tensor> grads, bool lstm, bool has_bias, int64_t chunk, int64_t blocks) {
-  // grads: g_px, gb_px, g_cx, gb_cx, g_h, gb_h, g_cz, then (w, b) of each q-net layer and of each phi_z layer
-  const int64_t steps = out_seq.size(0), f = fx.size(2), b = fx.size(1);
+  // grads: g_x (the phi_x columns of [posterior's first layer; cell]), gb_px, gb_cx, g_h (in
+  // d_h's order), gb_hh, g_cz, then (w, b) of each q-net layer and of each phi_z layer
+  const int64_t steps = out_seq.size(0), f = fx.size(2), b = fx.size(1), g = gates_seq.size(2);
+  const int64_t width = d_h.size(2), e = width - f - g, d = hs.size(2);
   const int64_t n_q = q_w.size(), n_z = z_w.size();
   // the outputs' gradients (any layout autograd gives, e.g. expanded) with contiguous units, for the raw loops
   auto units = [](const c10::optional<Tensor>& t) {
@@ -709,17 +709,16 @@ std::vector<Tensor> vrnn_backward(
   const c10::optional<Tensor> dloc_u = units(dloc_out), dscale_u = units(dscale_out);
   blocks = std::max<int64_t>(1, std::min(blocks, b));
   std::vector<Tensor> dhs(blocks), dcs(blocks);  // each block's dh (and dc), carried from chunk to chunk
-  // each block's column sums (double) of d_h, of the gates', the q-net's output's, the q-net's
-  // hidden layers' and phi_z's layers' gradients: the biases' gradients
+  // each block's column sums (double) of d_h, of the q-net's output's, the q-net's hidden
+  // layers' and phi_z's layers' gradients: the biases' gradients
   const auto dbl = fx.options().dtype(at::kDouble);
   std::vector<std::vector<Tensor>> sums(blocks);
   for (int64_t k = 0; k < blocks; ++k) {
     const auto [lo, rows] = block_rows(b, blocks, k);
     dhs[k] = rows_of(dh, 0, lo, rows, b);
     dcs[k] = rows_of(dc, 0, lo, rows, b);
-    // (d_h: all its columns for the GRU's hidden bias b_h, else the q-net's first-layer part)
-    sums[k].push_back(at::zeros({has_bias ? d_h.size(2) : f}, dbl));
-    for (const Tensor& t : {dgates_c, dout_c}) sums[k].push_back(at::zeros({t.size(2)}, dbl));
+    sums[k].push_back(at::zeros({width}, dbl));
+    sums[k].push_back(at::zeros({dout_c.size(2)}, dbl));
     for (const Tensor& t : dqs) sums[k].push_back(at::zeros({t.size(2)}, dbl));
     for (const Tensor& t : dzs) sums[k].push_back(at::zeros({t.size(2)}, dbl));
   }
@@ -734,41 +733,41 @@ std::vector<Tensor> vrnn_backward(
         carried = vrnn_back_steps<scalar_t>(
             s0, n, r1(dh_prev_u), r1(dz_u), r1(dfz_u), r1(dloc_u), r1(dscale_u), dhs[k], dcs[k],
             rows_of(mask, 0, lo, rows, b), r(hs), r(cs), r(ghn), rs(acts), rs(fzs), r(out_seq), r(eps), r(gates_seq),
-            r(tc_seq), r(d_h), r(dgates_c), r(dout_c), rs(dqs), rs(dzs), w_h, q_w, z_w, w_cz, lstm, f, sums[k]);
+            r(tc_seq), r(d_h), r(dout_c), rs(dqs), rs(dzs), w_h, q_w, z_w, w_cz, lstm, f, sums[k]);
       });
       dhs[k] = carried[0];
       dcs[k] = carried[1];
     });
     // the chunk's share of the weights' gradients and of phi_x's
-    Tensor dH = d_h.narrow(0, 0, n), dG = dgates_c.narrow(0, 0, n);
-    Tensor dpost = dH.narrow(2, 0, f);
+    Tensor dH = d_h.narrow(0, 0, n);
+    Tensor dX = dH.narrow(2, e, f + g), dG = dH.narrow(2, e + f, g);
     Tensor fx_c = fx.narrow(0, s0, n);
-    Tensor dfx_c = dfx.narrow(0, s0, n).view({n * b, f});
-    at::mm_out(dfx_c, dpost.reshape({n * b, f}), w_px);
-    dfx_c.addmm_(dG.reshape({-1, dG.size(2)}), w_cx);
-    accumulate(grads[0], dpost, fx_c);
-    accumulate(grads[2], dG, fx_c);
-    accumulate(grads[4], dH, hs.narrow(0, s0, n));
-    accumulate(grads[6], dG, fzs[n_z - 1].narrow(0, s0, n));
+    at::mm_out(lv(dfx.narrow(0, s0, n).view({n * b, f})), dX.reshape({n * b, f + g}), w_x);
+    accumulate(grads[0], dX, fx_c);
+    accumulate(grads[3], dH.narrow(2, 0, f + g), hs.narrow(0, s0, n));
+    accumulate(grads[5], dG, fzs[n_z - 1].narrow(0, s0, n));
     for (int64_t i = 0; i < n_q; ++i) {
       Tensor dpre = i == n_q - 1 ? dout_c.narrow(0, 0, n) : dqs[i].narrow(0, 0, n);
-      accumulate(grads[7 + 2 * i], dpre, acts[i].narrow(0, s0, n));
+      accumulate(grads[6 + 2 * i], dpre, acts[i].narrow(0, s0, n));
     }
     for (int64_t i = 0; i < n_z; ++i) {
       const Tensor& input = i == 0 ? z_seq : fzs[i - 1];
-      accumulate(grads[7 + 2 * n_q + 2 * i], dzs[i].narrow(0, 0, n), input.narrow(0, s0, n));
+      accumulate(grads[6 + 2 * n_q + 2 * i], dzs[i].narrow(0, 0, n), input.narrow(0, s0, n));
     }
   }
   // the biases' gradients: the blocks' column sums
   for (int64_t k = 1; k < blocks; ++k)
     for (size_t i = 0; i < sums[0].size(); ++i) sums[0][i] += sums[k][i];
   const std::vector<Tensor>& total = sums[0];
-  grads[1] += total[0].narrow(0, 0, f);
-  if (has_bias) grads[5] += total[0];
-  grads[3] += total[1];
-  grads[8 + 2 * (n_q - 1)] += total[2];
-  for (int64_t i = 0; i < n_q - 1; ++i) grads[8 + 2 * i] += total[3 + i];
-  for (int64_t i = 0; i < n_z; ++i) grads[8 + 2 * n_q + 2 * i] += total[2 + n_q + i];
+  grads[1] += total[0].narrow(0, e, f);
+  grads[2] += total[0].narrow(0, e + f, g);
+  if (has_bias) {  // the GRU's hidden bias: [r, u] as the input gates', n from dn r
+    grads[4].narrow(0, 0, 2 * d).add_(total[0].narrow(0, e + f, 2 * d));
+    grads[4].narrow(0, 2 * d, d).add_(total[0].narrow(0, 0, d));
+  }
+  grads[7 + 2 * (n_q - 1)] += total[1];
+  for (int64_t i = 0; i < n_q - 1; ++i) grads[7 + 2 * i] += total[2 + i];
+  for (int64_t i = 0; i < n_z; ++i) grads[7 + 2 * n_q + 2 * i] += total[1 + n_q + i];
   std::vector<Tensor> first = {blocks == 1 ? dhs[0] : at::cat(dhs)};
   if (lstm) first.push_back(blocks == 1 ? dcs[0] : at::cat(dcs));
   return first;
