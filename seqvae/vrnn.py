@@ -46,7 +46,7 @@ from . import fused
 from .cells import CELLS, CellState, make_cell
 from .configs import check, configure
 from .distributions import HEAD_NAMES, make_head
-from .nets import MLP, GaussianNet, MLPHead
+from .nets import MLP, GaussianNet, MLPHead, heads_over
 from .recurrent import RecurrentModel, dropout, generate, unroll
 from .sequences import check_sequences, resolve_mask
 from .terms import Terms, diagonal_normal, standard_normal_like
@@ -339,9 +339,15 @@ class VRNN(SequenceModel):
         read in place (a (b, t, ...) view would be copied first, and the copy kept for the
         backward: measured ~85 MB of the peak of a T=500, batch 128 step), and their results are viewed back as (b, t, ...)."""
         h = self.dropped(outs.h.transpose(0, 1), dim=1)  # (t, b, d)
-        output = self.head(self.decoder.over(outs.fz.transpose(0, 1), h).transpose(0, 1))  # batch (b, t)
-        prior = self.prior(h).base_dist  # batch (t, b)
-        prior = diagonal_normal(prior.loc.transpose(0, 1), prior.scale.transpose(0, 1))
+        fz = outs.fz.transpose(0, 1)
+        if self.prior_net is None:
+            params, prior = self.decoder.over(fz, h), self.prior(h).base_dist
+            loc, scale = prior.loc, prior.scale
+        else:  # the decoder and the prior both over h: as one Function that reads h once (nets.heads_over)
+            params, prior_out = heads_over((self.decoder, (fz, h)), (self.prior_net.net, (h,)))
+            loc, scale = self.prior_net.split(prior_out)
+        output = self.head(params.transpose(0, 1))  # batch (b, t)
+        prior = diagonal_normal(loc.transpose(0, 1), scale.transpose(0, 1))  # (t, b) steps viewed (b, t)
         posterior = diagonal_normal(outs.loc, outs.scale)
         return Terms(output.log_prob(x), posterior, prior, outs.z, output=output)
 

@@ -74,10 +74,12 @@ def test_chain_passes_gradcheck(helpers):
     xs = (torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True),
           torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True))
     params = [p for layer in net.layers for p in (layer.weight, layer.bias)]
-    assert torch.autograd.gradcheck(lambda a, b, *ps: nets._Chain.apply((slice(0, 3), slice(3, 5)), False, a, b, *ps), (*xs, *params))
+    plan = ((((0, slice(0, 3)), (1, slice(3, 5))), False, 3),)  # one network: its first layer over two inputs
+    assert torch.autograd.gradcheck(lambda a, b, *ps: nets._Chain.apply(plan, a, b, *ps), (*xs, *params))
     relu_net = MLP([3, 4, 2]).double()  # ReLU after the last layer too
     params = [p for layer in relu_net.layers for p in (layer.weight, layer.bias)]
-    assert torch.autograd.gradcheck(lambda a, *ps: nets._Chain.apply((slice(None),), True, a, *ps), (xs[0], *params))
+    plan = ((((0, slice(None)),), True, 2),)
+    assert torch.autograd.gradcheck(lambda a, *ps: nets._Chain.apply(plan, a, *ps), (xs[0], *params))
 
 
 def test_chain_output_changed_in_place_is_refused_in_backward():
@@ -92,7 +94,7 @@ def test_per_step_inputs_keep_the_layers_path(monkeypatch):
     """2-D inputs (one step) are left to the layers (inside a time loop their weight gradients are
     batched by linear.unrolled)."""
     calls = []
-    monkeypatch.setattr(nets._Chain, "apply", lambda *a: calls.append(a) or torch.zeros(5, 2))
+    monkeypatch.setattr(nets._Chain, "apply", lambda *a: calls.append(a) or (torch.zeros(5, 2),))
     net = MLPHead([3], [4, 2])
     net(torch.randn(5, 3))
     assert calls == []
@@ -166,3 +168,88 @@ def test_second_derivatives_through_the_fast_path_raise_and_the_step_loop_gives_
     (g,) = torch.autograd.grad(seqvae.elbo(model, x).sum(), weight, create_graph=True)
     g.pow(2).sum().backward()
     assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+def _heads(layout: str, dtype):
+    """Heads and the inputs each reads, by name: x (b, t, 7), h (b, t, 2), y (b, t, 3)."""
+    torch.manual_seed(0)
+    make = {  # name: (head, its inputs)
+        "A": (lambda: MLPHead([7, 2], [5, 5, 3]), ("x", "h")),  # a decoder: over [x, h]
+        "B": (lambda: MLPHead([2], [4, 6]), ("h",)),  # a prior: over h
+        "C": (lambda: MLPHead([2, 3], [3]), ("h", "y")),  # one layer, over [h, y]
+        "D": (lambda: MLPHead([3], [4, 2]), ("y",)),
+    }
+    heads = torch.nn.ModuleList(make[name][0]().to(dtype) for name in layout)
+    with torch.no_grad():  # biases away from zero and ReLUs both on and off
+        for p in heads.parameters():
+            p.normal_()
+    return heads, [make[name][1] for name in layout]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["AB", "ABC", "ADB", "CA"])
+def test_heads_sharing_an_input_equal_the_heads_one_by_one(layout, dtype, helpers):
+    """nets.heads_over: heads given the same tensor share its products in one _Chain (ABC: h read
+    by three heads side by side; ADB: by two heads with another between, whose products are then
+    made separately; CA: a one-layer head first); values and every gradient as each head alone."""
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    heads, reads = _heads(layout, dtype)
+    g = torch.Generator().manual_seed(0)
+    names = ["x", "h", "y"]
+    inputs = [torch.randn(4, 3, width, generator=g, dtype=dtype) for width in (7, 2, 3)]
+
+    def fn(*xs):
+        tensors = dict(zip(names, xs))
+        return tuple(nets.heads_over(*((head, tuple(tensors[n] for n in r)) for head, r in zip(heads, reads))))
+
+    applied = []
+    chain_apply = nets._Chain.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nets._Chain, "apply", lambda *a: applied.append(1) or chain_apply(*a))
+        got = _run(fn, inputs, heads, True)
+    assert applied == [1]  # all heads as one Function
+    expected = _run(fn, inputs, heads, False)
+    for a, b in zip(sum(got, []), sum(expected, [])):
+        assert (a is None) == (b is None)  # (an input no head reads: none)
+        assert a is None or (a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol))
+
+
+def test_heads_sharing_an_input_pass_gradcheck(helpers):
+    heads, reads = _heads("ADB", torch.float64)
+    plan = ((((0, slice(0, 7)), (1, slice(7, 9))), False, 3), (((2, slice(None)),), True, 2), (((1, slice(None)),), False, 2))
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, w, generator=g, dtype=torch.float64, requires_grad=True) for w in (7, 2, 3)]
+    params = [p for head in heads for layer in head.layers for p in (layer.weight, layer.bias)]
+    assert torch.autograd.gradcheck(lambda *a: nets._Chain.apply(plan, *a), (*xs, *params))
+
+
+def test_a_head_whose_output_is_unused_or_frozen_gets_no_gradient_and_the_others_the_right_one(helpers):
+    """Of two heads sharing h: the prior's output unused (its parameters get no gradient, h the
+    decoder's alone), then the decoder's first layer frozen and h needing none."""
+    heads, _ = _heads("AB", torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x, h = torch.randn(4, 3, 7, generator=g, dtype=torch.float64), torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    for case in ("prior unused", "decoder's first layer frozen"):
+        if case != "prior unused":
+            for p in heads[0].layers[0].parameters():
+                p.requires_grad_(False)
+        results = []
+        for chained in (True, False):
+            with pytest.MonkeyPatch.context() as mp:
+                if not chained:
+                    mp.setattr(nets, "_chained", lambda *a: False)
+                heads.zero_grad(set_to_none=True)
+                hx = h.clone().requires_grad_(case == "prior unused")
+                dec, prior = nets.heads_over((heads[0], (x, hx)), (heads[1], (hx,)))
+                loss = (dec * torch.randn(dec.shape, generator=torch.Generator().manual_seed(1), dtype=dec.dtype)).sum()
+                if case != "prior unused":
+                    loss = loss + prior.square().sum()
+                loss.backward()
+                results.append([None if p.grad is None else p.grad.clone() for p in heads.parameters()]
+                               + [hx.grad])
+        for got, expected in zip(*results):
+            assert (got is None) == (expected is None)
+            if got is not None:
+                assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+        if case == "prior unused":
+            assert all(p.grad is None for p in heads[1].parameters()) and results[0][-1] is not None
