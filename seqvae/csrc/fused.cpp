@@ -128,8 +128,9 @@ void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Ten
 // dgi's (the caller reads them there); returns dh u (through h' = n + u (h - n))
 Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, const Tensor& h, Tensor dgi, Tensor dnr) {
   const int64_t b = h.size(0), d = h.size(1);
-  Tensor dhc = dh.contiguous();  // the incoming gradient may have any layout (row() reads rows of contiguous units)
-  Tensor dh_direct = at::empty_like(dhc);
+  // the incoming gradient may have any layout: read as rows of contiguous units (Mat), copied only if its units are not
+  const Tensor dhc = unit_stride(dh) ? dh : dh.contiguous();
+  Tensor dh_direct = at::empty({b, d}, dh.options());
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
     const Mat<scalar_t> as(acts), kns(ghn), hps(h), gs(dhc), dis(dgi), dns(dnr), dds(dh_direct);
     rows(b, d, [&](int64_t i) {
@@ -181,8 +182,9 @@ void lstm_forward(Tensor gates, const Tensor& c, Tensor h_out, Tensor c_out, Ten
 // the pre-activations' gradients into dgates (b, 4d); returns the gradient of the old c
 Tensor lstm_backward(const Tensor& dh, const Tensor& dc_in, const Tensor& acts, const Tensor& tc, const Tensor& c, Tensor dgates) {
   const int64_t b = c.size(0), d = c.size(1);
-  Tensor dhc = dh.contiguous(), dcc = dc_in.contiguous();
-  Tensor dc_prev = at::empty_like(dhc);
+  // (rows of contiguous units read through Mat: copied only where the units are not contiguous)
+  const Tensor dhc = unit_stride(dh) ? dh : dh.contiguous(), dcc = unit_stride(dc_in) ? dc_in : dc_in.contiguous();
+  Tensor dc_prev = at::empty({b, d}, dh.options());
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstm_backward", [&] {
     const Mat<scalar_t> as(acts), ts(tc), cps(c), ghs(dhc), gcs(dcc), dgs(dgates), dps(dc_prev);
     rows(b, d, [&](int64_t i) {
