@@ -59,7 +59,8 @@ class _Chain(Function):
 
     `plan` gives each network as (uses, last_relu, layers): relu(...relu([x_i, x_j, ...] W_0^T
     + b_0)...) W_L^T + b_L (and a last ReLU with last_relu), its first layer reading the inputs
-    `uses` names, (input index, the block of W_0's columns that reads it), one tensor each.
+    `uses` names, (input index, the block of W_0's columns that reads it), one tensor each (an
+    index at most once per network: a network reading one tensor twice is given it as two inputs).
     Autograd would keep each layer's product, bias sum, ReLU and (for several inputs) their sum
     as separate nodes with separate outputs; here the ReLUs act in place on the products'
     outputs, the inputs' products add into one output, and the backward reuses its gradient
@@ -76,6 +77,7 @@ class _Chain(Function):
     def forward(ctx, plan: tuple, *args: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)  # (an unused network's output gets no gradient)
         n_in = 1 + max(j for uses, _, _ in plan for j, _ in uses)
+        assert all(len({j for j, _ in uses}) == len(uses) for uses, _, _ in plan), "an input read twice by one network"
         xs = [x.reshape(-1, x.shape[-1]) for x in args[:n_in]]
         native = _native(xs[0])
         nets = _split_params(plan, args[n_in:])  # each network's [(W, b), ...]
@@ -88,7 +90,7 @@ class _Chain(Function):
             stacks.append(w)
             cols = slice(blocks[ks[0]].start, blocks[ks[-1]].stop)
             if pre is None and cols == slice(0, blocks[-1].stop):
-                pre = affine(xs[j], w)  # (a network reading one input, or all reading the first)
+                pre = affine(xs[j], w)  # (the first product spans every network's columns: a new tensor)
             else:
                 pre = xs[0].new_empty(xs[0].shape[0], blocks[-1].stop) if pre is None else pre
                 if all(written[k] for k in ks):
@@ -156,7 +158,7 @@ class _Chain(Function):
                 param_grads[p0 + 2 * i + 1] = gb if need[2 * i + 1] else None
                 if not (below or any(need[: 2 * i])):  # nothing below this layer needs a gradient (frozen layers)
                     break
-                if i == 1:  # the first layer's gradient into its block of the shared buffer
+                if i == 1 and len(plan) > 1:  # the first layer's gradient into its block of the shared buffer
                     gpre = xs[0].new_empty(xs[0].shape[0], blocks[-1].stop) if gpre is None else gpre
                     g = torch.mm(g, ws[k][1], out=gpre[:, blocks[k]])
                 else:
@@ -167,7 +169,9 @@ class _Chain(Function):
                     torch.ops.aten.threshold_backward.grad_input(g, acts[k][i - 1], 0, grad_input=g)  # in place
                     gb = g.sum(0)
             else:  # the loop reached the first layer
-                if layers == 1:
+                if len(plan) == 1:  # (one network: its gradient is the buffer; it is only read below)
+                    gpre = g
+                elif layers == 1:
                     gpre = xs[0].new_empty(xs[0].shape[0], blocks[-1].stop) if gpre is None else gpre
                     gpre[:, blocks[k]] = g
                 param_grads[p0 + 1] = gb if need[1] else None
@@ -265,7 +269,7 @@ def _chain(calls: tuple, last_relu: bool = False) -> list[Tensor]:
         slices = tuple(first._slices) if isinstance(first, BlockLinear) and len(xs) > 1 else (slice(None),)
         ids = []
         for x in xs:
-            j = next((i for i, t in enumerate(inputs) if t is x), None)
+            j = next((i for i, t in enumerate(inputs) if t is x and i not in ids), None)  # (read twice: two inputs)
             if j is None:
                 j = len(inputs)
                 inputs.append(x)

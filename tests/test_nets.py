@@ -39,6 +39,7 @@ CASES = {
     "MLPHead, one layer": (lambda: MLPHead([7], [3]), lambda m: m, [(2, 4, 3, 7)]),
     "MLPHead.over, two inputs": (lambda: MLPHead([7, 2], [5, 5, 3]), lambda m: m.over, [(4, 3, 7), (4, 3, 2)]),
     "GaussianNet": (lambda: GaussianNet([6], [5], 2), lambda m: m, [(3, 4, 6)]),
+    "MLPHead.over, one tensor twice": (lambda: MLPHead([2, 2], [5, 3]), lambda m: (lambda x: m.over(x, x)), [(4, 3, 2)]),
 }
 
 
@@ -187,11 +188,12 @@ def _heads(layout: str, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("layout", ["AB", "ABC", "ADB", "CA"])
+@pytest.mark.parametrize("layout", ["AB", "ABC", "ADB", "CA", "DCB"])
 def test_heads_sharing_an_input_equal_the_heads_one_by_one(layout, dtype, helpers):
     """nets.heads_over: heads given the same tensor share its products in one _Chain (ABC: h read
     by three heads side by side; ADB: by two heads with another between, whose products are then
-    made separately; CA: a one-layer head first); values and every gradient as each head alone."""
+    made separately; CA: a one-layer head first; DCB: y's product writes D's and C's columns, then
+    h's finds C's written and B's not); values and every gradient as each head alone."""
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     heads, reads = _heads(layout, dtype)
     g = torch.Generator().manual_seed(0)

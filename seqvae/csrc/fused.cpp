@@ -720,6 +720,9 @@ std::vector<Tensor> vrnn_backward(
   // 10.9); the steps' buffers they write are as wide
   auto padded = [](const Tensor& w) {
     const int64_t n = w.size(1), wide = (n + 15) / 16 * 16;
+#ifndef CPUBLAS_BRGEMM_F32F32F32
+    return w;  // (ATen's products: not measured padded)
+#endif
     if (w.scalar_type() != at::kFloat || wide == n) return w;
     Tensor p = at::zeros({w.size(0), wide}, w.options());
     p.narrow(1, 0, n).copy_(w);
