@@ -23,6 +23,17 @@ def _run(fn, inputs, module, chained: bool):
     return [o.detach() for o in outs], [x.grad for x in xs], [p.grad.clone() for p in module.parameters()]
 
 
+def _chained_and_not(run):
+    """run()'s results with the networks as one _Chain, then through the layers' own path."""
+    results = []
+    for chained in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not chained:
+                mp.setattr(nets, "_chained", lambda *a: False)
+            results.append(run())
+    return results
+
+
 @pytest.fixture(params=["C++ helpers", "ATen"])
 def helpers(request, monkeypatch):
     """_Chain with its C++ bias/ReLU passes (fused.py's build) and with ATen's operations alone."""
@@ -131,15 +142,14 @@ def test_frozen_layers_and_inputs_get_no_gradient_and_the_rest_the_right_one(fro
                      "everything but the last layer": list(net.layers[0].parameters()) + list(net.layers[1].parameters())}[frozen]
     for p in frozen_params:
         p.requires_grad_(False)
-    results = []
-    for chained in (True, False):
-        with pytest.MonkeyPatch.context() as mp:
-            if not chained:
-                mp.setattr(nets, "_chained", lambda *a: False)
-            net.zero_grad(set_to_none=True)
-            out = net.over(*xs)  # the inputs need no gradient
-            (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)).sum().backward()
-            results.append([None if p.grad is None else p.grad.clone() for p in net.parameters()])
+
+    def run():
+        net.zero_grad(set_to_none=True)
+        out = net.over(*xs)  # the inputs need no gradient
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)).sum().backward()
+        return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+    results = _chained_and_not(run)
     for got, expected, p in zip(*results, net.parameters()):
         assert (got is None) == (expected is None) == (not p.requires_grad)
         if got is not None:
@@ -235,20 +245,18 @@ def test_a_head_whose_output_is_unused_or_frozen_gets_no_gradient_and_the_others
         if case != "prior unused":
             for p in heads[0].layers[0].parameters():
                 p.requires_grad_(False)
-        results = []
-        for chained in (True, False):
-            with pytest.MonkeyPatch.context() as mp:
-                if not chained:
-                    mp.setattr(nets, "_chained", lambda *a: False)
-                heads.zero_grad(set_to_none=True)
-                hx = h.clone().requires_grad_(case == "prior unused")
-                dec, prior = nets.heads_over((heads[0], (x, hx)), (heads[1], (hx,)))
-                loss = (dec * torch.randn(dec.shape, generator=torch.Generator().manual_seed(1), dtype=dec.dtype)).sum()
-                if case != "prior unused":
-                    loss = loss + prior.square().sum()
-                loss.backward()
-                results.append([None if p.grad is None else p.grad.clone() for p in heads.parameters()]
-                               + [hx.grad])
+
+        def run():
+            heads.zero_grad(set_to_none=True)
+            hx = h.clone().requires_grad_(case == "prior unused")
+            dec, prior = nets.heads_over((heads[0], (x, hx)), (heads[1], (hx,)))
+            loss = (dec * torch.randn(dec.shape, generator=torch.Generator().manual_seed(1), dtype=dec.dtype)).sum()
+            if case != "prior unused":
+                loss = loss + prior.square().sum()
+            loss.backward()
+            return [None if p.grad is None else p.grad.clone() for p in heads.parameters()] + [hx.grad]
+
+        results = _chained_and_not(run)
         for got, expected in zip(*results):
             assert (got is None) == (expected is None)
             if got is not None:
