@@ -40,6 +40,17 @@ inline Tensor& lv(Tensor&& t) { return t; }
 // stopped inlining exp_ once the file grew: a 64-row VRNN forward step took ~100 us longer)
 #define SEQVAE_INLINE inline __attribute__((always_inline))
 
+// for (int64_t j = 0; j < n; ++j) { body }, vectorized: the units up to the last multiple of 16
+// in one loop, the rest in a second of vectors of at most 4 (gcc 12 runs the remainder after a
+// loop's last whole vector one unit at a time: with 16-float vectors a row of 100 units ends in
+// 4 scalar iterations, which took a quarter of a 64-row GRU step, 18.1 against 13.2 us measured)
+#define SEQVAE_UNITS(j, n, ...)                                                       \
+  {                                                                                   \
+    const int64_t seqvae_whole_ = (n) & ~int64_t(15);                                 \
+    _Pragma("omp simd") for (int64_t j = 0; j < seqvae_whole_; ++j) __VA_ARGS__       \
+    _Pragma("omp simd safelen(4)") for (int64_t j = seqvae_whole_; j < (n); ++j) __VA_ARGS__ \
+  }
+
 template <typename T>
 SEQVAE_INLINE T exp_(T x) {
   return std::exp(x);
@@ -108,8 +119,7 @@ void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Ten
     rows(b, d, [&](int64_t i) {
       scalar_t *g = gis.at(i), *out = outs.at(i), *kn = kns.at(i);
       const scalar_t *k = ks.at(i), *hp = hps.at(i);
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < d; ++j) {
+      SEQVAE_UNITS(j, d, {
         const scalar_t r = sigmoid_<scalar_t>(g[j] + k[j]);
         const scalar_t u = sigmoid_<scalar_t>(g[d + j] + k[d + j]);
         const scalar_t n = tanh_<scalar_t>(g[2 * d + j] + r * k[2 * d + j]);
@@ -118,7 +128,7 @@ void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Ten
         g[2 * d + j] = n;
         out[j] = n + u * (hp[j] - n);
         kn[j] = k[2 * d + j];
-      }
+      });
     });
   });
 }
@@ -137,8 +147,7 @@ Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, con
       const scalar_t *a = as.at(i), *kn = kns.at(i), *hp = hps.at(i);
       const scalar_t* g = gs.at(i);
       scalar_t *di = dis.at(i), *dk = dns.at(i), *dd = dds.at(i);
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < d; ++j) {
+      SEQVAE_UNITS(j, d, {
         const scalar_t r = a[j], u = a[d + j], n = a[2 * d + j];
         const scalar_t dn = g[j] * (1 - u) * (1 - n * n);
         di[j] = dn * kn[j] * r * (1 - r);
@@ -146,7 +155,7 @@ Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, con
         di[2 * d + j] = dn;
         dk[j] = dn * r;
         dd[j] = g[j] * u;
-      }
+      });
     });
   });
   return dh_direct;
@@ -161,8 +170,7 @@ void lstm_forward(Tensor gates, const Tensor& c, Tensor h_out, Tensor c_out, Ten
       scalar_t *g = gs.at(i), *ho = hos.at(i), *co = cns.at(i);
       scalar_t* to = tos.at(i);
       const scalar_t* cp = cps.at(i);
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < d; ++j) {
+      SEQVAE_UNITS(j, d, {
         const scalar_t in = sigmoid_<scalar_t>(g[j]), f = sigmoid_<scalar_t>(g[d + j]);
         const scalar_t o = sigmoid_<scalar_t>(g[2 * d + j]), u = tanh_<scalar_t>(g[3 * d + j]);
         const scalar_t cn = f * cp[j] + in * u;
@@ -174,7 +182,7 @@ void lstm_forward(Tensor gates, const Tensor& c, Tensor h_out, Tensor c_out, Ten
         co[j] = cn;
         to[j] = tc;
         ho[j] = o * tc;
-      }
+      });
     });
   });
 }
@@ -191,8 +199,7 @@ Tensor lstm_backward(const Tensor& dh, const Tensor& dc_in, const Tensor& acts, 
       const scalar_t *a = as.at(i), *t = ts.at(i), *cp = cps.at(i);
       const scalar_t *gh = ghs.at(i), *gc = gcs.at(i);
       scalar_t *dg = dgs.at(i), *dp = dps.at(i);
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < d; ++j) {
+      SEQVAE_UNITS(j, d, {
         const scalar_t in = a[j], f = a[d + j], o = a[2 * d + j], u = a[3 * d + j];
         const scalar_t dc = gc[j] + gh[j] * o * (1 - t[j] * t[j]);
         dg[j] = dc * u * in * (1 - in);
@@ -200,7 +207,7 @@ Tensor lstm_backward(const Tensor& dh, const Tensor& dc_in, const Tensor& acts, 
         dg[2 * d + j] = gh[j] * t[j] * o * (1 - o);
         dg[3 * d + j] = dc * in * (1 - u * u);
         dp[j] = dc * f;
-      }
+      });
     });
   });
   return dc_prev;
@@ -340,26 +347,22 @@ struct Seq {
 template <typename T>
 inline void bias_row(T* r, const T* b, int64_t d, bool relu) {
   if (relu) {
-    _Pragma("omp simd")
-    for (int64_t j = 0; j < d; ++j) r[j] = std::max(r[j] + b[j], T(0));
+    SEQVAE_UNITS(j, d, { r[j] = std::max(r[j] + b[j], T(0)); });
   } else {
-    _Pragma("omp simd")
-    for (int64_t j = 0; j < d; ++j) r[j] += b[j];
+    SEQVAE_UNITS(j, d, { r[j] += b[j]; });
   }
 }
 
 // s += row (in double) over d units: a row's share of a bias's gradient
 template <typename T>
 inline void add_row(double* s, const T* row, int64_t d) {
-  _Pragma("omp simd")
-  for (int64_t j = 0; j < d; ++j) s[j] += static_cast<double>(row[j]);
+  SEQVAE_UNITS(j, d, { s[j] += static_cast<double>(row[j]); });
 }
 
 // dst = g * (act > 0) (ReLU's backward through its output act) over rows of n units (dst may be g)
 template <typename T>
 inline void relu_grad(T* dst, const T* g, const T* act, int64_t n) {
-  _Pragma("omp simd")
-  for (int64_t j = 0; j < n; ++j) dst[j] = act[j] > T(0) ? g[j] : T(0);
+  SEQVAE_UNITS(j, n, { dst[j] = act[j] > T(0) ? g[j] : T(0); });
 }
 
 // y = relu(y + bias) over the rows of y (rows, units), in place (the product before it wrote x w^T)
@@ -461,8 +464,7 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
     for (int64_t i = 0; i < rows_n; ++i) {  // a_0 = relu(phi_x part + h part + bias), the phi_x part already in a_0
       const T* y = hqs.at(i);
       T* a = a0s.at(t, i);
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < f; ++j) a[j] = std::max(a[j] + y[j] + bp[j], T(0));
+      SEQVAE_UNITS(j, f, { a[j] = std::max(a[j] + y[j] + bp[j], T(0)); });
     }
     Tensor a = acts[0][t];
     for (size_t i = 1; i < n_q; ++i) {
@@ -477,13 +479,11 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
     for (int64_t i = 0; i < rows_n; ++i) {  // [loc, s~] + bias; scale = softplus(s~) + min; z = loc + scale eps
       T *o = outs.at(t, i), *sc = scales.at(t, i), *z = zs.at(t, i);
       const T* e = epss.at(t, i);
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < 2 * nz; ++j) o[j] += qb[j];
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < nz; ++j) {
+      SEQVAE_UNITS(j, 2 * nz, { o[j] += qb[j]; });
+      SEQVAE_UNITS(j, nz, {
         sc[j] = softplus_<T>(o[nz + j]) + sd_min;
         z[j] = o[j] + sc[j] * e[j];
-      }
+      });
     }
     Tensor fz = z_seq[t];
     for (size_t l = 0; l < z_wt.size(); ++l) {
@@ -496,12 +496,11 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
     gemm_nn(gi, fz, w_czt, true);  // onto phi_x's share, written there for the chunk
     for (int64_t i = 0; i < rows_n; ++i) {  // + the input bias; the h part + its bias (LSTM: added to the gates)
       T *x = gates.at(t, i), *k = hqs.at(i) + f;
-      _Pragma("omp simd")
-      for (int64_t j = 0; j < g; ++j) {
+      SEQVAE_UNITS(j, g, {
         x[j] += bc[j];
         if (bh != nullptr) k[j] += bh[j];
         if (lstm) x[j] += k[j];
-      }
+      });
     }
     if (lstm) {
       lstm_forward(gi, cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
@@ -594,8 +593,7 @@ std::vector<Tensor> vrnn_back_steps(
       for (int64_t i = 0; i < r; ++i) {
         T* g = gm.at(i);
         const T* e = dfz_out_s->at(t, i);
-        _Pragma("omp simd")
-        for (int64_t j = 0; j < f; ++j) g[j] += e[j];
+        SEQVAE_UNITS(j, f, { g[j] += e[j]; });
       }
     }
     for (int64_t l = n_z - 1; l >= 0; --l) {  // phi_z's layers, from the last
