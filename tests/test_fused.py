@@ -146,6 +146,20 @@ def test_vrnn_pass_equals_the_step_loop(loops, monkeypatch, cell, posterior_laye
     _assert_same_gradients(g0, g1, tol)
 
 
+@pytest.mark.parametrize("batch, z_size", [(4, 4), (5, 3), (2, 16)])
+def test_vrnn_pass_draws_the_step_loops_random_numbers(loops, monkeypatch, batch, z_size):
+    """The pass draws every step's noise at once where a step's b z values are a multiple of 16
+    (ATen then fills them in the same order as one draw per step) and step by step otherwise:
+    either way the samples are the step loop's."""
+    torch.manual_seed(0)
+    model = VRNN(x_dim=5, hidden_size=8, z_size=z_size).double()
+    x = (torch.rand(batch, 6, 5) > 0.5).double()
+    *_, loop = _loss_and_grads(model, x, fused_on=False, monkeypatch=monkeypatch)
+    *_, fused_terms = _loss_and_grads(model, x, fused_on=True, monkeypatch=monkeypatch)
+    assert _made_by(fused_terms.z, "_VRNNSequenceBackward")
+    torch.testing.assert_close(fused_terms.z, loop.z, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_vrnn_pass_takes_gradients_of_any_layout_with_one_unit(loops, monkeypatch, cell):
     """z_size=1 and hidden_size=1, a loss that also reads every step output and the final state

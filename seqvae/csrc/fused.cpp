@@ -652,8 +652,7 @@ std::vector<Tensor> vrnn_back_steps(
 // The VRNN's forward over all steps (fused.py _vrnn_forward), `chunk` steps at a time: the
 // phi_x parts of the posterior's first layer and of the cell's gates for a chunk (over the whole
 // batch; one product, into xg, whose rows are [acts[0] | gates_seq]), then its steps with the
-// batch in `blocks` blocks of rows, one thread each. eps is drawn here, step by step, before
-// the loops (the step loop's random numbers).
+// batch in `blocks` blocks of rows, one thread each. eps is drawn here, before the loops.
 void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
                   std::vector<Tensor> acts, std::vector<Tensor> fzs, Tensor out_seq, Tensor scale_seq, Tensor eps,
                   Tensor z_seq, Tensor xg, Tensor gates_seq, Tensor tc_seq, Tensor hq,
@@ -662,7 +661,14 @@ void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs
                   std::vector<Tensor> z_w, std::vector<Tensor> z_b, const Tensor& w_cz, bool lstm, double min_std,
                   int64_t chunk, int64_t blocks) {
   const int64_t steps = fx.size(0), b = fx.size(1), f = fx.size(2), xw = w_x.size(0);
-  for (int64_t t = 0; t < steps; ++t) eps[t].normal_();
+  // the step loop's random numbers: one normal_ per step; for float and double ATen fills a
+  // contiguous tensor of a multiple of 16 values from uniforms drawn in order, transformed 16 at a
+  // time, so that one call over all the steps draws the same numbers (checked by the tests)
+  if (eps.is_contiguous() && eps[0].numel() % 16 == 0) {
+    eps.normal_();
+  } else {
+    for (int64_t t = 0; t < steps; ++t) eps[t].normal_();
+  }
   // the step products' weights as (in, out) rows, for gemm_nn
   auto rows_in = [](const Tensor& w) { return w.t().contiguous(); };
   const Tensor w_ht = rows_in(w_h), w_czt = rows_in(w_cz);
