@@ -108,57 +108,73 @@ struct Mat {
   explicit Mat(const Tensor& t) : p(t.data_ptr<T>()), sr(t.stride(0)) {
     TORCH_CHECK(t.dim() == 2 && unit_stride(t), "seqvae fused kernel: rows of contiguous units expected");
   }
+  Mat(T* p_, int64_t sr_) : p(p_), sr(sr_) {}
   T* at(int64_t i) const { return p + i * sr; }
 };
 
-// gi (b, 3d) becomes [sigmoid(r), sigmoid(u), n]; h_out = n + u (h - n); ghn_out = gh's n block (for the backward)
-void gru_forward(Tensor gi, const Tensor& gh, const Tensor& h, Tensor h_out, Tensor ghn_out) {
-  const int64_t b = h.size(0), d = h.size(1);
-  AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "gru_forward", [&] {
-    const Mat<scalar_t> gis(gi), outs(h_out), kns(ghn_out), ks(gh), hps(h);
-    rows(b, d, [&](int64_t i) {
-      scalar_t *g = gis.at(i), *out = outs.at(i), *kn = kns.at(i);
-      const scalar_t *k = ks.at(i), *hp = hps.at(i);
-      SEQVAE_UNITS(j, d, {
-        const scalar_t r = sigmoid_<scalar_t>(g[j] + k[j]);
-        const scalar_t u = sigmoid_<scalar_t>(g[d + j] + k[d + j]);
-        const scalar_t n = tanh_<scalar_t>(g[2 * d + j] + r * k[2 * d + j]);
-        g[j] = r;
-        g[d + j] = u;
-        g[2 * d + j] = n;
-        out[j] = n + u * (hp[j] - n);
-        kn[j] = k[2 * d + j];
-      });
-    });
+// One row of each cell's update, over d units (the LSTM's Tensor functions below run them over
+// their rows; the VRNN's step loops call them on raw rows, without an ATen view per step).
+// GRU: g (3d) = the input gates' pre-activations becomes [sigmoid(r), sigmoid(u), n]; out =
+// h' = n + u (h - n); kn = k's (the hidden gates') n block, for the backward
+template <typename T>
+inline void gru_forward_row(T* g, const T* k, const T* hp, T* out, T* kn, int64_t d) {
+  SEQVAE_UNITS(j, d, {
+    const T r = sigmoid_<T>(g[j] + k[j]);
+    const T u = sigmoid_<T>(g[d + j] + k[d + j]);
+    const T n = tanh_<T>(g[2 * d + j] + r * k[2 * d + j]);
+    g[j] = r;
+    g[d + j] = u;
+    g[2 * d + j] = n;
+    out[j] = n + u * (hp[j] - n);
+    kn[j] = k[2 * d + j];
   });
 }
 
-// the gradients of the input gates' pre-activations into dgi (b, 3d) and of the hidden gates' n
-// block into dnr (b, d), given gh's n block ghn (b, d); the hidden gates' r and u gradients are
-// dgi's (the caller reads them there); returns dh u (through h' = n + u (h - n))
-Tensor gru_backward(const Tensor& dh, const Tensor& acts, const Tensor& ghn, const Tensor& h, Tensor dgi, Tensor dnr) {
-  const int64_t b = h.size(0), d = h.size(1);
-  // the incoming gradient may have any layout: read as rows of contiguous units (Mat), copied only if its units are not
-  const Tensor dhc = unit_stride(dh) ? dh : dh.contiguous();
-  Tensor dh_direct = at::empty({b, d}, dh.options());
-  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
-    const Mat<scalar_t> as(acts), kns(ghn), hps(h), gs(dhc), dis(dgi), dns(dnr), dds(dh_direct);
-    rows(b, d, [&](int64_t i) {
-      const scalar_t *a = as.at(i), *kn = kns.at(i), *hp = hps.at(i);
-      const scalar_t* g = gs.at(i);
-      scalar_t *di = dis.at(i), *dk = dns.at(i), *dd = dds.at(i);
-      SEQVAE_UNITS(j, d, {
-        const scalar_t r = a[j], u = a[d + j], n = a[2 * d + j];
-        const scalar_t dn = g[j] * (1 - u) * (1 - n * n);
-        di[j] = dn * kn[j] * r * (1 - r);
-        di[d + j] = g[j] * (hp[j] - n) * u * (1 - u);
-        di[2 * d + j] = dn;
-        dk[j] = dn * r;
-        dd[j] = g[j] * u;
-      });
-    });
+// the GRU's backward: the input gates' pre-activations' gradients into di (3d) and the hidden
+// gates' n block's into dk (d); the hidden gates' r and u gradients are di's (the caller reads
+// them there); dd = dh u (through h' = n + u (h - n))
+template <typename T>
+inline void gru_backward_row(const T* a, const T* kn, const T* hp, const T* g, T* di, T* dk, T* dd, int64_t d) {
+  SEQVAE_UNITS(j, d, {
+    const T r = a[j], u = a[d + j], n = a[2 * d + j];
+    const T dn = g[j] * (1 - u) * (1 - n * n);
+    di[j] = dn * kn[j] * r * (1 - r);
+    di[d + j] = g[j] * (hp[j] - n) * u * (1 - u);
+    di[2 * d + j] = dn;
+    dk[j] = dn * r;
+    dd[j] = g[j] * u;
   });
-  return dh_direct;
+}
+
+// LSTM: see lstm_forward and lstm_backward
+template <typename T>
+inline void lstm_forward_row(T* g, const T* cp, T* ho, T* co, T* to, int64_t d) {
+  SEQVAE_UNITS(j, d, {
+    const T in = sigmoid_<T>(g[j]), f = sigmoid_<T>(g[d + j]);
+    const T o = sigmoid_<T>(g[2 * d + j]), u = tanh_<T>(g[3 * d + j]);
+    const T cn = f * cp[j] + in * u;
+    const T tc = tanh_<T>(cn);
+    g[j] = in;
+    g[d + j] = f;
+    g[2 * d + j] = o;
+    g[3 * d + j] = u;
+    co[j] = cn;
+    to[j] = tc;
+    ho[j] = o * tc;
+  });
+}
+
+template <typename T>
+inline void lstm_backward_row(const T* a, const T* t, const T* cp, const T* gh, const T* gc, T* dg, T* dp, int64_t d) {
+  SEQVAE_UNITS(j, d, {
+    const T in = a[j], f = a[d + j], o = a[2 * d + j], u = a[3 * d + j];
+    const T dc = gc[j] + gh[j] * o * (1 - t[j] * t[j]);
+    dg[j] = dc * u * in * (1 - in);
+    dg[d + j] = dc * cp[j] * f * (1 - f);
+    dg[2 * d + j] = gh[j] * t[j] * o * (1 - o);
+    dg[3 * d + j] = dc * in * (1 - u * u);
+    dp[j] = dc * f;
+  });
 }
 
 // gates (b, 4d) = (i, f, o, u) become their activations; c' = f c + i u, tanh(c'), h' = o tanh(c')
@@ -166,24 +182,7 @@ void lstm_forward(Tensor gates, const Tensor& c, Tensor h_out, Tensor c_out, Ten
   const int64_t b = c.size(0), d = c.size(1);
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
     const Mat<scalar_t> gs(gates), hos(h_out), cns(c_out), tos(tc_out), cps(c);
-    rows(b, d, [&](int64_t i) {
-      scalar_t *g = gs.at(i), *ho = hos.at(i), *co = cns.at(i);
-      scalar_t* to = tos.at(i);
-      const scalar_t* cp = cps.at(i);
-      SEQVAE_UNITS(j, d, {
-        const scalar_t in = sigmoid_<scalar_t>(g[j]), f = sigmoid_<scalar_t>(g[d + j]);
-        const scalar_t o = sigmoid_<scalar_t>(g[2 * d + j]), u = tanh_<scalar_t>(g[3 * d + j]);
-        const scalar_t cn = f * cp[j] + in * u;
-        const scalar_t tc = tanh_<scalar_t>(cn);
-        g[j] = in;
-        g[d + j] = f;
-        g[2 * d + j] = o;
-        g[3 * d + j] = u;
-        co[j] = cn;
-        to[j] = tc;
-        ho[j] = o * tc;
-      });
-    });
+    rows(b, d, [&](int64_t i) { lstm_forward_row<scalar_t>(gs.at(i), cps.at(i), hos.at(i), cns.at(i), tos.at(i), d); });
   });
 }
 
@@ -196,18 +195,7 @@ Tensor lstm_backward(const Tensor& dh, const Tensor& dc_in, const Tensor& acts, 
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstm_backward", [&] {
     const Mat<scalar_t> as(acts), ts(tc), cps(c), ghs(dhc), gcs(dcc), dgs(dgates), dps(dc_prev);
     rows(b, d, [&](int64_t i) {
-      const scalar_t *a = as.at(i), *t = ts.at(i), *cp = cps.at(i);
-      const scalar_t *gh = ghs.at(i), *gc = gcs.at(i);
-      scalar_t *dg = dgs.at(i), *dp = dps.at(i);
-      SEQVAE_UNITS(j, d, {
-        const scalar_t in = a[j], f = a[d + j], o = a[2 * d + j], u = a[3 * d + j];
-        const scalar_t dc = gc[j] + gh[j] * o * (1 - t[j] * t[j]);
-        dg[j] = dc * u * in * (1 - in);
-        dg[d + j] = dc * cp[j] * f * (1 - f);
-        dg[2 * d + j] = gh[j] * t[j] * o * (1 - o);
-        dg[3 * d + j] = dc * in * (1 - u * u);
-        dp[j] = dc * f;
-      });
+      lstm_backward_row<scalar_t>(as.at(i), ts.at(i), cps.at(i), ghs.at(i), gcs.at(i), dgs.at(i), dps.at(i), d);
     });
   });
   return dc_prev;
@@ -243,6 +231,26 @@ inline void gemm_nn(const Tensor& c, const Tensor& a, const Tensor& b, bool add 
   } else {
     at::mm_out(out, a, b);
   }
+}
+
+// gemm_nn on raw rows: c (m, n) = a (m, k) b (k, n) (+ c where add), each given by its first row
+// and row stride; the weight b is a contiguous tensor. For the step loops, which would otherwise
+// make an ATen view per operand and step (~0.5 us each, tens of them per VRNN step).
+template <typename T>
+inline void gemm_rows(int64_t m, const T* a, int64_t lda, const Tensor& b, T* c, int64_t ldc, bool add = false) {
+  const int64_t k = b.size(0), n = b.size(1);
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) {
+    if (m > 0 && k > 0 && n > 0 && b.scalar_type() == at::kFloat && unit_stride(b)) {
+      at::native::cpublas::brgemm(m, n, k, lda, b.stride(0), ldc, add, a, b.data_ptr<float>(), c, false);
+      return;
+    }
+  }
+#endif
+  const auto options = b.options();
+  const Tensor as = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
+  Tensor cs = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  gemm_nn(cs, as, b, add);
 }
 
 // A product with one weight over a loop's steps (gemm.py `Repeated`): y = x w^T (+ bias), by
@@ -441,9 +449,9 @@ SEQVAE_INLINE T softplus_(T x) {
 
 // The VRNN's steps [s0, s0 + n) for one block of rows (fused.py _vrnn_forward), given the
 // chunk's phi_x parts of the posterior's first layer and of the cell's gates, already written
-// into acts[0] and gates_seq (without their biases). The products are gemm_nn's (their output
+// into acts[0] and gates_seq (without their biases). The products are gemm_rows' (their output
 // rows written in place); what lies between them (biases, activations, the reparameterised
-// sample) is done in raw loops over the rows.
+// sample) is done in raw loops over the rows; a step makes no ATen tensor (but for padding).
 template <typename T>
 void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
                 const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq, Tensor scale_seq,
@@ -451,30 +459,39 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
                 const Tensor& b_cx, const Tensor& w_ht, const c10::optional<Tensor>& b_h, const std::vector<Tensor>& q_wt,
                 const std::vector<Tensor>& q_b, const std::vector<Tensor>& z_wt, const std::vector<Tensor>& z_b,
                 const Tensor& w_czt, bool lstm, double min_std) {
-  const int64_t nz = eps.size(2), f = acts[0].size(2), g = gates_seq.size(2), rows_n = hq.size(0);
-  const size_t n_q = q_wt.size();
-  const Seq<T> a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq), gates(gates_seq);
+  const int64_t nz = eps.size(2), f = acts[0].size(2), g = gates_seq.size(2), rows_n = hq.size(0), d = hs.size(2);
+  const size_t n_q = q_wt.size(), n_z = z_wt.size();
+  const Seq<T> a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq), gates(gates_seq), hss(hs);
+  std::vector<Seq<T>> qs, fs;  // the q-net's later activations, phi_z's layers' outputs
+  for (size_t i = 1; i < n_q; ++i) qs.emplace_back(acts[i]);
+  for (const Tensor& t : fzs) fs.emplace_back(t);
+  const c10::optional<Seq<T>> css = lstm ? c10::optional<Seq<T>>(Seq<T>(cs)) : c10::nullopt;
+  const c10::optional<Seq<T>> tcs = lstm ? c10::optional<Seq<T>>(Seq<T>(tc_seq)) : c10::nullopt;
+  const c10::optional<Seq<T>> ghns = lstm ? c10::nullopt : c10::optional<Seq<T>>(Seq<T>(ghn));
   const Mat<T> hqs(hq);
   const T sd_min = static_cast<T>(min_std);
   const T *bp = b_px.data_ptr<T>(), *bc = b_cx.data_ptr<T>(), *bh = b_h.has_value() ? b_h->data_ptr<T>() + f : nullptr;
-  const Tensor gh = hq.narrow(1, f, g);
+  // relu(x w + bias) into the rows at out (row stride ld)
+  auto relu_layer = [&](const T* x, int64_t ldx, const Tensor& w, const Tensor& bias, T* out, int64_t ld) {
+    gemm_rows<T>(rows_n, x, ldx, w, out, ld);
+    const T* b = bias.data_ptr<T>();
+    for (int64_t i = 0; i < rows_n; ++i) bias_row<T>(out + i * ld, b, w.size(1), true);
+  };
   for (int64_t t = s0; t < s0 + n; ++t) {
-    Tensor h = hs[t];
-    gemm_nn(hq, h, w_ht);
+    gemm_rows<T>(rows_n, hss.at(t, 0), hss.sr, w_ht, hqs.p, hqs.sr);
     for (int64_t i = 0; i < rows_n; ++i) {  // a_0 = relu(phi_x part + h part + bias), the phi_x part already in a_0
       const T* y = hqs.at(i);
       T* a = a0s.at(t, i);
       SEQVAE_UNITS(j, f, { a[j] = std::max(a[j] + y[j] + bp[j], T(0)); });
     }
-    Tensor a = acts[0][t];
+    const T* a = a0s.at(t, 0);
+    int64_t lda = a0s.sr;
     for (size_t i = 1; i < n_q; ++i) {
-      Tensor ai = acts[i][t];
-      gemm_nn(ai, a, q_wt[i - 1]);
-      bias_relu<T>(ai, q_b[i - 1]);
-      a = ai;
+      relu_layer(a, lda, q_wt[i - 1], q_b[i - 1], qs[i - 1].at(t, 0), qs[i - 1].sr);
+      a = qs[i - 1].at(t, 0);
+      lda = qs[i - 1].sr;
     }
-    Tensor out = out_seq[t];
-    gemm_nn(out, a, q_wt[n_q - 1]);
+    gemm_rows<T>(rows_n, a, lda, q_wt[n_q - 1], outs.at(t, 0), outs.sr);
     const T* qb = q_b[n_q - 1].data_ptr<T>();
     for (int64_t i = 0; i < rows_n; ++i) {  // [loc, s~] + bias; scale = softplus(s~) + min; z = loc + scale eps
       T *o = outs.at(t, i), *sc = scales.at(t, i), *z = zs.at(t, i);
@@ -485,15 +502,14 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
         z[j] = o[j] + sc[j] * e[j];
       });
     }
-    Tensor fz = z_seq[t];
-    for (size_t l = 0; l < z_wt.size(); ++l) {
-      Tensor fl = fzs[l][t];
-      gemm_nn(fl, fz, z_wt[l]);
-      bias_relu<T>(fl, z_b[l]);
-      fz = fl;
+    const T* fz = zs.at(t, 0);
+    int64_t ldz = zs.sr;
+    for (size_t l = 0; l < n_z; ++l) {
+      relu_layer(fz, ldz, z_wt[l], z_b[l], fs[l].at(t, 0), fs[l].sr);
+      fz = fs[l].at(t, 0);
+      ldz = fs[l].sr;
     }
-    Tensor gi = gates_seq[t];
-    gemm_nn(gi, fz, w_czt, true);  // onto phi_x's share, written there for the chunk
+    gemm_rows<T>(rows_n, fz, ldz, w_czt, gates.at(t, 0), gates.sr, true);  // onto phi_x's share, written there for the chunk
     for (int64_t i = 0; i < rows_n; ++i) {  // + the input bias; the h part + its bias (LSTM: added to the gates)
       T *x = gates.at(t, i), *k = hqs.at(i) + f;
       SEQVAE_UNITS(j, g, {
@@ -502,15 +518,17 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
         if (lstm) x[j] += k[j];
       });
     }
-    if (lstm) {
-      lstm_forward(gi, cs[t], hs[t + 1], cs[t + 1], tc_seq[t]);
-    } else {
-      gru_forward(gi, gh, h, hs[t + 1], ghn[t]);
+    for (int64_t i = 0; i < rows_n; ++i) {
+      if (lstm) {
+        lstm_forward_row<T>(gates.at(t, i), css->at(t, i), hss.at(t + 1, i), css->at(t + 1, i), tcs->at(t, i), d);
+      } else {
+        gru_forward_row<T>(gates.at(t, i), hqs.at(i) + f, hss.at(t, i), hss.at(t + 1, i), ghns->at(t, i), d);
+      }
     }
     if (mask.has_value()) {  // a padded step keeps its state
       Tensor keep = mask->select(1, t).unsqueeze(1);
       Tensor next = hs[t + 1];
-      at::where_out(next, keep, next, h);
+      at::where_out(next, keep, next, hs[t]);
       if (lstm) {
         Tensor cn = cs[t + 1];
         at::where_out(cn, keep, cn, cs[t]);
@@ -533,7 +551,7 @@ inline void colsums(const Seq<T>& q, int64_t k, int64_t r, const Tensor& sum) {
 
 // The VRNN's steps [s0, s0 + n) in reverse for one block of rows (fused.py _vrnn_backward): the
 // gradients of each step into the chunk's buffers (row k = t - s0); dh (and dc) carried from
-// step s0 + n to step s0. Returns {dh, dc} at s0. As in the forward, the products are gemm_nn's
+// step s0 + n to step s0. Returns {dh, dc} at s0. As in the forward, the products are gemm_rows'
 // (into buffers of this call) and what lies between them is done in raw loops over the rows; the
 // rows of the gradients each step writes are added into the block's bias sums (`sums`).
 // d_h's rows are [dn r (GRU only: e = d columns) | the q-net's first layer (f) | the cell's input
@@ -568,6 +586,17 @@ std::vector<Tensor> vrnn_back_steps(
   auto seq = [](const c10::optional<Tensor>& t) { return t.has_value() ? c10::optional<Seq<T>>(Seq<T>(*t)) : c10::nullopt; };
   const auto dh_prev_s = seq(dh_prev), dz_out_s = seq(dz_out), dfz_out_s = seq(dfz_out);
   const auto dloc_s = seq(dloc_out), dscale_s = seq(dscale_out);
+  // the steps' rows as raw pointers (no ATen view per step)
+  const Seq<T> hss(hs), gates(gates_seq);
+  auto seq_if = [](bool on, const Tensor& t) { return on ? c10::optional<Seq<T>>(Seq<T>(t)) : c10::nullopt; };
+  const auto css = seq_if(lstm, cs), tcs = seq_if(lstm, tc_seq), ghns = seq_if(!lstm, ghn);
+  const Mat<T> g_fps(g_fp), daps(dap), dzps(dzp);
+  const Mat<T> dhb[2] = {Mat<T>(dh_bufs[0]), Mat<T>(dh_bufs[1])};
+  const Tensor dh_views[2] = {dh_bufs[0].narrow(1, 0, d), dh_bufs[1].narrow(1, 0, d)};
+  // the GRU's direct path dh u (GRU), or the new dc (LSTM: two, written in turn: dc, this step's
+  // input, is the caller's or the other)
+  const Tensor direct_buf = lstm ? Tensor() : at::empty({r, d}, hs.options());
+  const Tensor dc_bufs[2] = {lstm ? at::empty({r, d}, hs.options()) : Tensor(), lstm ? at::empty({r, d}, hs.options()) : Tensor()};
   for (int64_t t = s0 + n - 1; t >= s0; --t) {
     const int64_t k = t - s0;
     Tensor dh_skip, dc_skip;
@@ -580,15 +609,30 @@ std::vector<Tensor> vrnn_back_steps(
         dc = at::where(keep, dc, 0.0);
       }
     }
-    Tensor dhk = d_h[k], dgates = dhk.narrow(1, e + f, g);
-    Tensor dh_direct;
-    if (lstm) {
-      dc = lstm_backward(dh, dc, gates_seq[t], tc_seq[t], cs[t], dgates);
-      if (mask.has_value()) dc = dc + dc_skip;
-    } else {
-      dh_direct = gru_backward(dh, gates_seq[t], ghn[t], hs[t], dgates, dhk.narrow(1, 0, e));
+    T* dhk = dhs_seq.at(k, 0);  // this step's row of d_h: [dn r | q | gates]
+    T* dgates = dhk + e + f;
+    const int64_t ldk = dhs_seq.sr;
+    {  // the cell's backward, reading dh (and dc) as rows of contiguous units, whatever their layout
+      const Tensor dhc = unit_stride(dh) ? dh : dh.contiguous();
+      const Mat<T> dhm(dhc);
+      if (lstm) {
+        const Tensor dcc = unit_stride(dc) ? dc : dc.contiguous();
+        const Mat<T> dcm(dcc), dcn(dc_bufs[t & 1]);
+        for (int64_t i = 0; i < r; ++i) {
+          lstm_backward_row<T>(gates.at(t, i), tcs->at(t, i), css->at(t, i), dhm.at(i), dcm.at(i), dgates + i * ldk,
+                               dcn.at(i), d);
+        }
+        dc = dc_bufs[t & 1];
+        if (mask.has_value()) dc = dc + dc_skip;
+      } else {
+        const Mat<T> dds(direct_buf);
+        for (int64_t i = 0; i < r; ++i) {
+          gru_backward_row<T>(gates.at(t, i), ghns->at(t, i), hss.at(t, i), dhm.at(i), dgates + i * ldk, dhk + i * ldk,
+                              dds.at(i), d);
+        }
+      }
     }
-    gemm_nn(g_fp, dgates, w_cz);  // the gradient of phi_z's output: from the gates (+ dfz_out)
+    gemm_rows<T>(r, dgates, ldk, w_cz, g_fps.p, g_fps.sr);  // the gradient of phi_z's output: from the gates (+ dfz_out)
     if (dfz_out_s) {
       for (int64_t i = 0; i < r; ++i) {
         T* g = gm.at(i);
@@ -598,7 +642,8 @@ std::vector<Tensor> vrnn_back_steps(
     }
     for (int64_t l = n_z - 1; l >= 0; --l) {  // phi_z's layers, from the last
       for (int64_t i = 0; i < r; ++i) relu_grad<T>(dzseq[l].at(k, i), gm.at(i), zin[l].at(t, i), f);
-      gemm_nn(l == 0 ? dzp : g_fp, dzs[l][k], z_w[l]);
+      const Mat<T>& to = l == 0 ? dzps : g_fps;
+      gemm_rows<T>(r, dzseq[l].at(k, 0), dzseq[l].sr, z_w[l], to.p, to.sr);
     }
     for (int64_t i = 0; i < r; ++i) {  // dz (+ dz_out) into [dloc, ds~]: scale = softplus(s~) + min, softplus' = sigmoid
       T* z = dzm.at(i);
@@ -614,17 +659,18 @@ std::vector<Tensor> vrnn_back_steps(
         o[nz + j] = dscale * sigmoid_<T>(pre[nz + j]);
       }
     }
-    gemm_nn(dap, dout_c[k], q_w[n_q - 1]);
+    gemm_rows<T>(r, douts.at(k, 0), douts.sr, q_w[n_q - 1], daps.p, daps.sr);
     for (int64_t l = n_q - 1; l >= 1; --l) {  // the q-net's hidden layers
       for (int64_t i = 0; i < r; ++i) relu_grad<T>(dqseq[l - 1].at(k, i), dam.at(i), qin[l].at(t, i), f);
-      gemm_nn(dap, dqs[l - 1][k], q_w[l - 1]);
+      gemm_rows<T>(r, dqseq[l - 1].at(k, 0), dqseq[l - 1].sr, q_w[l - 1], daps.p, daps.sr);
     }
     for (int64_t i = 0; i < r; ++i) relu_grad<T>(dhs_seq.at(k, i) + e, dam.at(i), a0s.at(t, i), f);
-    Tensor dh_new = dh_bufs[t & 1].narrow(1, 0, d);  // (dh, this step's input, is the caller's or the other buffer)
-    gemm_nn(dh_bufs[t & 1], dhk.narrow(1, 0, f + g), w_h);
-    const bool direct = dh_direct.defined(), skip = dh_skip.defined();
-    const Tensor dd = direct ? dh_direct : dh_new, ds = skip ? dh_skip.contiguous() : dh_new;
-    const Mat<T> dhm(dh_new), ddm(dd), dsm(ds);
+    // dh_{t-1}: into the buffer dh (this step's input, the caller's or the other buffer) is not
+    const Mat<T>& dhm = dhb[t & 1];
+    gemm_rows<T>(r, dhk, ldk, w_h, dhm.p, dhm.sr);
+    const bool direct = !lstm, skip = dh_skip.defined();
+    const Tensor ds = skip ? dh_skip.contiguous() : dh_views[t & 1];
+    const Mat<T> ddm(direct ? direct_buf : dh_views[t & 1]), dsm(ds);
     for (int64_t i = 0; i < r; ++i) {  // dh_{t-1} = the products' + the GRU's direct path (+ padding's) (+ dh_prev)
       T* o = dhm.at(i);
       const T *a = ddm.at(i), *b2 = dsm.at(i), *p = dh_prev_s ? dh_prev_s->at(t, i) : nullptr;
@@ -636,7 +682,7 @@ std::vector<Tensor> vrnn_back_steps(
         o[j] = v;
       }
     }
-    dh = dh_new;
+    dh = dh_views[t & 1];
     // the biases' gradients: this step's rows of the pre-activations' gradients added into the
     // block's column sums (in double), while they are in cache
     colsums<T>(dhs_seq, k, r, sums[0]);
