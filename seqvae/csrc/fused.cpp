@@ -587,6 +587,7 @@ std::vector<Tensor> vrnn_back_steps(
   const auto dh_prev_s = seq(dh_prev), dz_out_s = seq(dz_out), dfz_out_s = seq(dfz_out);
   const auto dloc_s = seq(dloc_out), dscale_s = seq(dscale_out);
   // the steps' rows as raw pointers (no ATen view per step)
+  const std::vector<T> zero_row(nz, T(0));
   const Seq<T> hss(hs), gates(gates_seq);
   auto seq_if = [](bool on, const Tensor& t) { return on ? c10::optional<Seq<T>>(Seq<T>(t)) : c10::nullopt; };
   const auto css = seq_if(lstm, cs), tcs = seq_if(lstm, tc_seq), ghns = seq_if(!lstm, ghn);
@@ -649,15 +650,15 @@ std::vector<Tensor> vrnn_back_steps(
       T* z = dzm.at(i);
       T* o = douts.at(k, i);
       const T *e = epss.at(t, i), *pre = outs.at(t, i);
-      const T* dzo = dz_out_s ? dz_out_s->at(t, i) : nullptr;
-      const T* dlo = dloc_s ? dloc_s->at(t, i) : nullptr;
-      const T* dso = dscale_s ? dscale_s->at(t, i) : nullptr;
-      for (int64_t j = 0; j < nz; ++j) {
-        const T dzj = dzo != nullptr ? z[j] + dzo[j] : z[j];
-        o[j] = dlo != nullptr ? dzj + dlo[j] : dzj;
-        const T dscale = dso != nullptr ? dso[j] + dzj * e[j] : dzj * e[j];
-        o[nz + j] = dscale * sigmoid_<T>(pre[nz + j]);
-      }
+      // (absent gradients read as a row of zeros: adding 0 changes no value, and the loop has no branch)
+      const T* dzo = dz_out_s ? dz_out_s->at(t, i) : zero_row.data();
+      const T* dlo = dloc_s ? dloc_s->at(t, i) : zero_row.data();
+      const T* dso = dscale_s ? dscale_s->at(t, i) : zero_row.data();
+      SEQVAE_UNITS(j, nz, {
+        const T dzj = z[j] + dzo[j];
+        o[j] = dzj + dlo[j];
+        o[nz + j] = (dso[j] + dzj * e[j]) * sigmoid_<T>(pre[nz + j]);
+      });
     }
     gemm_rows<T>(r, douts.at(k, 0), douts.sr, q_w[n_q - 1], daps.p, daps.sr);
     for (int64_t l = n_q - 1; l >= 1; --l) {  // the q-net's hidden layers
