@@ -150,9 +150,14 @@ class _Chain(Function):
             if g is None:
                 continue
             g = g.reshape(-1, g.shape[-1])
-            if last_relu:
-                g = torch.ops.aten.threshold_backward(g, lasts[k], 0)
-            gb = g.sum(0) if need[-1] else None  # the last layer's bias
+            if last_relu and native is not None and g.stride(-1) == 1:  # C++: ReLU's gradient and the bias's in one pass
+                out = g.new_empty(g.shape)  # (autograd's incoming gradient is not changed in place)
+                gb = native.grad_colsum(g, lasts[k], out)
+                g = out
+            else:
+                if last_relu:
+                    g = torch.ops.aten.threshold_backward(g, lasts[k], 0)
+                gb = g.sum(0) if need[-1] else None  # the last layer's bias
             for i in reversed(range(1, layers)):
                 param_grads[p0 + 2 * i] = g.t() @ acts[k][i - 1] if need[2 * i] else None
                 param_grads[p0 + 2 * i + 1] = gb if need[2 * i + 1] else None

@@ -263,3 +263,27 @@ def test_a_head_whose_output_is_unused_or_frozen_gets_no_gradient_and_the_others
                 assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
         if case == "prior unused":
             assert all(p.grad is None for p in heads[1].parameters()) and results[0][-1] is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows, units", [(37, 5), (301, 60), (8, 100)])  # tiles of 8 rows, part tiles; 301 x 60: two blocks
+def test_grad_colsum_is_relus_gradient_and_its_column_sums(rows, units, dtype):
+    """The C++ ReLU backward with the bias's gradient, in place or into a new tensor, against
+    threshold_backward and a sum in double."""
+    lib = nets._native(torch.zeros(1))
+    if lib is None:
+        pytest.skip("the C++ extension could not be built here (see the warning)")
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(rows, units, generator=g, dtype=dtype)
+    act = torch.randn(rows, units, generator=g, dtype=dtype).relu()
+    want = torch.ops.aten.threshold_backward(grad, act, 0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    out = torch.full_like(grad, float("nan"))
+    kept = grad.clone()
+    sums = lib.grad_colsum(grad, act, out)
+    assert torch.equal(out, want) and torch.equal(grad, kept)  # into out; the gradient untouched
+    torch.testing.assert_close(sums.double(), want.double().sum(0), rtol=tol, atol=tol)
+    sums = lib.grad_colsum(grad, act)
+    assert torch.equal(grad, want)  # in place
+    torch.testing.assert_close(sums.double(), want.double().sum(0), rtol=tol, atol=tol)
+    torch.testing.assert_close(lib.grad_colsum(kept, None).double(), kept.double().sum(0), rtol=tol, atol=tol)

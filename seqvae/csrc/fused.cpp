@@ -861,26 +861,44 @@ void bias_act(Tensor y, const Tensor& bias, bool relu) {
   });
 }
 
-// g (rows, units) *= (act > 0) in place where act is given (ReLU's backward through its output);
-// returns g's column sums (the bias's gradient), accumulated in double, in g's dtype. One pass.
-Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act) {
-  TORCH_CHECK(g.dim() == 2 && (!act.has_value() || act->sizes() == g.sizes()),
-              "seqvae grad_colsum: a (rows, units) gradient and activations of its shape expected");
+// g (rows, units) *= (act > 0) where act is given (ReLU's backward through its output act), in
+// place or into `out` (g then unchanged); returns the result's column sums (the bias's gradient),
+// in g's dtype. One pass: the rows in tiles of 8, summed in g's dtype, each tile's sums added in
+// double (one conversion per 8 rows: summing each row in double ran ~1.7x slower).
+Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act, const c10::optional<Tensor>& out) {
+  TORCH_CHECK(g.dim() == 2 && (!act.has_value() || act->sizes() == g.sizes()) &&
+                  (!out.has_value() || (out->sizes() == g.sizes() && out->scalar_type() == g.scalar_type())),
+              "seqvae grad_colsum: a (rows, units) gradient, and activations and an output of its shape expected");
   const int64_t n = g.size(0), d = g.size(1);
+  const Tensor dst = out.has_value() ? *out : g;
   // blocks of rows, one partial sum each (one block where a fork would cost more than it saves)
   const int64_t parts = n * d < 16384 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   Tensor partial = at::zeros({parts, d}, g.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "grad_colsum", [&] {
-    const Mat<scalar_t> gs(g);
+    const Mat<scalar_t> gs(g), ds(dst);
     const c10::optional<Mat<scalar_t>> as = act.has_value() ? c10::optional<Mat<scalar_t>>(Mat<scalar_t>(*act)) : c10::nullopt;
     double* part = partial.data_ptr<double>();
     at::parallel_for(0, parts, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<scalar_t> tile(d);
+      scalar_t* acc = tile.data();
       for (int64_t k = k0; k < k1; ++k) {
         double* s = part + k * d;
-        for (int64_t i = n * k / parts; i < n * (k + 1) / parts; ++i) {
-          scalar_t* r = gs.at(i);
-          if (as) relu_grad<scalar_t>(r, r, as->at(i), d);
-          add_row<scalar_t>(s, r, d);
+        const int64_t i1 = n * (k + 1) / parts;
+        for (int64_t i0 = n * k / parts; i0 < i1; i0 += 8) {
+          for (int64_t i = i0; i < std::min(i0 + 8, i1); ++i) {
+            scalar_t* r = ds.at(i);
+            if (as) {
+              relu_grad<scalar_t>(r, gs.at(i), as->at(i), d);
+            } else if (r != gs.at(i)) {
+              std::memcpy(r, gs.at(i), d * sizeof(scalar_t));
+            }
+            if (i == i0) {
+              SEQVAE_UNITS(j, d, { acc[j] = r[j]; });
+            } else {
+              SEQVAE_UNITS(j, d, { acc[j] += r[j]; });
+            }
+          }
+          add_row<scalar_t>(s, acc, d);
         }
       }
     });
@@ -1462,7 +1480,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vrnn_forward", &vrnn_forward, py::call_guard<py::gil_scoped_release>());
   m.def("vrnn_backward", &vrnn_backward, py::call_guard<py::gil_scoped_release>());
   m.def("bias_act", &bias_act, py::call_guard<py::gil_scoped_release>());
-  m.def("grad_colsum", &grad_colsum, py::call_guard<py::gil_scoped_release>());
+  m.def("grad_colsum", &grad_colsum, py::arg("g"), py::arg("act"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("is_binary", &is_binary, py::call_guard<py::gil_scoped_release>());
   m.def("bernoulli_log_prob", &bernoulli_log_prob, py::call_guard<py::gil_scoped_release>());
   m.def("bernoulli_log_prob_backward", &bernoulli_log_prob_backward, py::call_guard<py::gil_scoped_release>());
