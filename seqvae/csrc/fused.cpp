@@ -542,11 +542,22 @@ inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b) {
   dst.addmm_(a.reshape({-1, a.size(-1)}).t(), b.reshape({-1, b.size(-1)}));
 }
 
-// sum (double) += the column sums of step k's r rows of q, over sum's width (q's first columns)
+// sum (double) += the column sums of step k's r rows of q, over sum's width (q's first columns):
+// summed in T over tiles of 8 rows (in acc, as wide), each tile's sums added in double (as in
+// grad_colsum: one conversion per 8 rows)
 template <typename T>
-inline void colsums(const Seq<T>& q, int64_t k, int64_t r, const Tensor& sum) {
+inline void colsums(const Seq<T>& q, int64_t k, int64_t r, const Tensor& sum, T* acc) {
   double* s = sum.data_ptr<double>();
-  for (int64_t i = 0; i < r; ++i) add_row<T>(s, q.at(k, i), sum.numel());
+  const int64_t d = sum.numel();
+  for (int64_t i0 = 0; i0 < r; i0 += 8) {
+    const T* first = q.at(k, i0);
+    SEQVAE_UNITS(j, d, { acc[j] = first[j]; });
+    for (int64_t i = i0 + 1; i < std::min(i0 + 8, r); ++i) {
+      const T* row = q.at(k, i);
+      SEQVAE_UNITS(j, d, { acc[j] += row[j]; });
+    }
+    add_row<T>(s, acc, d);
+  }
 }
 
 // The VRNN's steps [s0, s0 + n) in reverse for one block of rows (fused.py _vrnn_backward): the
@@ -588,6 +599,9 @@ std::vector<Tensor> vrnn_back_steps(
   const auto dloc_s = seq(dloc_out), dscale_s = seq(dscale_out);
   // the steps' rows as raw pointers (no ATen view per step)
   const std::vector<T> zero_row(nz, T(0));
+  int64_t widest = 0;  // of the column sums (colsums' tile)
+  for (const Tensor& sum : sums) widest = std::max(widest, sum.numel());
+  std::vector<T> acc(widest);
   const Seq<T> hss(hs), gates(gates_seq);
   auto seq_if = [](bool on, const Tensor& t) { return on ? c10::optional<Seq<T>>(Seq<T>(t)) : c10::nullopt; };
   const auto css = seq_if(lstm, cs), tcs = seq_if(lstm, tc_seq), ghns = seq_if(!lstm, ghn);
@@ -686,10 +700,10 @@ std::vector<Tensor> vrnn_back_steps(
     dh = dh_views[t & 1];
     // the biases' gradients: this step's rows of the pre-activations' gradients added into the
     // block's column sums (in double), while they are in cache
-    colsums<T>(dhs_seq, k, r, sums[0]);
-    colsums<T>(douts, k, r, sums[1]);
-    for (int64_t l = 0; l < n_q - 1; ++l) colsums<T>(dqseq[l], k, r, sums[2 + l]);
-    for (int64_t l = 0; l < n_z; ++l) colsums<T>(dzseq[l], k, r, sums[1 + n_q + l]);
+    colsums<T>(dhs_seq, k, r, sums[0], acc.data());
+    colsums<T>(douts, k, r, sums[1], acc.data());
+    for (int64_t l = 0; l < n_q - 1; ++l) colsums<T>(dqseq[l], k, r, sums[2 + l], acc.data());
+    for (int64_t l = 0; l < n_z; ++l) colsums<T>(dzseq[l], k, r, sums[1 + n_q + l], acc.data());
   }
   return {dh, dc};
 }
