@@ -266,7 +266,7 @@ def test_a_head_whose_output_is_unused_or_frozen_gets_no_gradient_and_the_others
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("rows, units", [(37, 5), (301, 60), (8, 100)])  # tiles of 8 rows, part tiles; 301 x 60: two blocks
+@pytest.mark.parametrize("rows, units", [(37, 5), (301, 60), (8, 100)])  # tiles of 8 rows, part tiles; 301 x 60: a block per thread
 def test_grad_colsum_is_relus_gradient_and_its_column_sums(rows, units, dtype):
     """The C++ ReLU backward with the bias's gradient, in place or into a new tensor, against
     threshold_backward and a sum in double."""

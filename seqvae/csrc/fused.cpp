@@ -7,6 +7,7 @@
 
 #include <torch/extension.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -108,7 +109,6 @@ struct Mat {
   explicit Mat(const Tensor& t) : p(t.data_ptr<T>()), sr(t.stride(0)) {
     TORCH_CHECK(t.dim() == 2 && unit_stride(t), "seqvae fused kernel: rows of contiguous units expected");
   }
-  Mat(T* p_, int64_t sr_) : p(p_), sr(sr_) {}
   T* at(int64_t i) const { return p + i * sr; }
 };
 
@@ -234,8 +234,15 @@ inline void gemm_nn(const Tensor& c, const Tensor& a, const Tensor& b, bool add 
 }
 
 // gemm_nn on raw rows: c (m, n) = a (m, k) b (k, n) (+ c where add), each given by its first row
-// and row stride; the weight b is a contiguous tensor. For the step loops, which would otherwise
-// make an ATen view per operand and step (~0.5 us each, tens of them per VRNN step).
+// and row stride; the weight b a tensor with contiguous columns. For the step loops, which would
+// otherwise make an ATen view per operand and step (~0.5 us each, tens of them per VRNN step).
+// The widths are b's: the callers check their buffers against them once (check_product).
+// TORCH_CHECK that a product by w (in, out) reads rows of `in` units and fits rows of `out` units
+inline void check_product(const Tensor& w, int64_t in, int64_t out, const char* what) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == in && w.size(1) <= out, "seqvae fused kernel: the ", what,
+              " product's weight (in, out) does not match its buffers");
+}
+
 template <typename T>
 inline void gemm_rows(int64_t m, const T* a, int64_t lda, const Tensor& b, T* c, int64_t ldc, bool add = false) {
   const int64_t k = b.size(0), n = b.size(1);
@@ -451,7 +458,8 @@ SEQVAE_INLINE T softplus_(T x) {
 // chunk's phi_x parts of the posterior's first layer and of the cell's gates, already written
 // into acts[0] and gates_seq (without their biases). The products are gemm_rows' (their output
 // rows written in place); what lies between them (biases, activations, the reparameterised
-// sample) is done in raw loops over the rows; a step makes no ATen tensor (but for padding).
+// sample) is done in raw loops over the rows; a step makes no ATen tensor where brgemm runs
+// (but for padded steps).
 template <typename T>
 void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor hs, Tensor cs, Tensor ghn,
                 const std::vector<Tensor>& acts, const std::vector<Tensor>& fzs, Tensor out_seq, Tensor scale_seq,
@@ -461,6 +469,11 @@ void vrnn_steps(int64_t s0, int64_t n, const c10::optional<Tensor>& mask, Tensor
                 const Tensor& w_czt, bool lstm, double min_std) {
   const int64_t nz = eps.size(2), f = acts[0].size(2), g = gates_seq.size(2), rows_n = hq.size(0), d = hs.size(2);
   const size_t n_q = q_wt.size(), n_z = z_wt.size();
+  check_product(w_ht, d, hq.size(1), "h");
+  for (size_t i = 1; i < n_q; ++i) check_product(q_wt[i - 1], acts[i - 1].size(2), acts[i].size(2), "posterior");
+  check_product(q_wt[n_q - 1], acts[n_q - 1].size(2), 2 * nz, "posterior");
+  for (size_t l = 0; l < n_z; ++l) check_product(z_wt[l], l == 0 ? nz : fzs[l - 1].size(2), fzs[l].size(2), "phi_z");
+  check_product(w_czt, fzs[n_z - 1].size(2), g, "gates'");
   const Seq<T> a0s(acts[0]), outs(out_seq), scales(scale_seq), epss(eps), zs(z_seq), gates(gates_seq), hss(hs);
   std::vector<Seq<T>> qs, fs;  // the q-net's later activations, phi_z's layers' outputs
   for (size_t i = 1; i < n_q; ++i) qs.emplace_back(acts[i]);
@@ -597,7 +610,14 @@ std::vector<Tensor> vrnn_back_steps(
   auto seq = [](const c10::optional<Tensor>& t) { return t.has_value() ? c10::optional<Seq<T>>(Seq<T>(*t)) : c10::nullopt; };
   const auto dh_prev_s = seq(dh_prev), dz_out_s = seq(dz_out), dfz_out_s = seq(dfz_out);
   const auto dloc_s = seq(dloc_out), dscale_s = seq(dscale_out);
-  // the steps' rows as raw pointers (no ATen view per step)
+  // the steps' rows as raw pointers (no ATen view per step where brgemm runs)
+  check_product(w_cz, g, g_fp.size(1), "gates'");
+  for (int64_t l = 0; l < n_z; ++l) check_product(z_w[l], dzs[l].size(2), (l == 0 ? dzp : g_fp).size(1), "phi_z");
+  check_product(q_w[n_q - 1], 2 * nz, dap.size(1), "posterior");
+  for (int64_t l = 1; l < n_q; ++l) check_product(q_w[l - 1], dqs[l - 1].size(2), dap.size(1), "posterior");
+  check_product(w_h, f + g, dh_bufs[0].size(1), "h");
+  TORCH_CHECK(out_seq.size(2) == 2 * nz && dout_c.size(2) == 2 * nz && dzp.size(1) >= nz && g_fp.size(1) >= f,
+              "seqvae fused kernel: the posterior's buffers do not match");
   const std::vector<T> zero_row(nz, T(0));
   int64_t widest = 0;  // of the column sums (colsums' tile)
   for (const Tensor& sum : sums) widest = std::max(widest, sum.numel());
@@ -664,7 +684,8 @@ std::vector<Tensor> vrnn_back_steps(
       T* z = dzm.at(i);
       T* o = douts.at(k, i);
       const T *e = epss.at(t, i), *pre = outs.at(t, i);
-      // (absent gradients read as a row of zeros: adding 0 changes no value, and the loop has no branch)
+      // (absent gradients read as a row of zeros: adding 0 changes no value but a zero's sign, and
+      // the loop has no branch)
       const T* dzo = dz_out_s ? dz_out_s->at(t, i) : zero_row.data();
       const T* dlo = dloc_s ? dloc_s->at(t, i) : zero_row.data();
       const T* dso = dscale_s ? dscale_s->at(t, i) : zero_row.data();
@@ -680,7 +701,7 @@ std::vector<Tensor> vrnn_back_steps(
       gemm_rows<T>(r, dqseq[l - 1].at(k, 0), dqseq[l - 1].sr, q_w[l - 1], daps.p, daps.sr);
     }
     for (int64_t i = 0; i < r; ++i) relu_grad<T>(dhs_seq.at(k, i) + e, dam.at(i), a0s.at(t, i), f);
-    // dh_{t-1}: into the buffer dh (this step's input, the caller's or the other buffer) is not
+    // dh_{t-1}, into the buffer that dh (this step's input: the caller's or the other buffer) is not
     const Mat<T>& dhm = dhb[t & 1];
     gemm_rows<T>(r, dhk, ldk, w_h, dhm.p, dhm.sr);
     const bool direct = !lstm, skip = dh_skip.defined();
@@ -725,12 +746,12 @@ void vrnn_forward(const Tensor& fx, const c10::optional<Tensor>& mask, Tensor hs
   // the step loop's random numbers: one normal_ per step; for float and double ATen fills a
   // contiguous tensor of a multiple of 16 values from uniforms drawn in order, transformed 16 at a
   // time, so that one call over all the steps draws the same numbers (checked by the tests)
-  if (eps.is_contiguous() && eps[0].numel() % 16 == 0) {
+  if (steps > 0 && eps.is_contiguous() && eps[0].numel() % 16 == 0) {
     eps.normal_();
   } else {
     for (int64_t t = 0; t < steps; ++t) eps[t].normal_();
   }
-  // the step products' weights as (in, out) rows, for gemm_nn
+  // the step products' weights as (in, out) rows, for gemm_rows
   auto rows_in = [](const Tensor& w) { return w.t().contiguous(); };
   const Tensor w_ht = rows_in(w_h), w_czt = rows_in(w_cz);
   std::vector<Tensor> q_wt, z_wt;
@@ -884,6 +905,10 @@ Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act, const c10::option
                   (!out.has_value() || (out->sizes() == g.sizes() && out->scalar_type() == g.scalar_type())),
               "seqvae grad_colsum: a (rows, units) gradient, and activations and an output of its shape expected");
   const int64_t n = g.size(0), d = g.size(1);
+  if (out.has_value()) {
+    at::assert_no_internal_overlap(*out);
+    at::assert_no_partial_overlap(*out, g);
+  }
   const Tensor dst = out.has_value() ? *out : g;
   // blocks of rows, one partial sum each (one block where a fork would cost more than it saves)
   const int64_t parts = n * d < 16384 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
