@@ -233,16 +233,16 @@ inline void gemm_nn(const Tensor& c, const Tensor& a, const Tensor& b, bool add 
   }
 }
 
-// gemm_nn on raw rows: c (m, n) = a (m, k) b (k, n) (+ c where add), each given by its first row
-// and row stride; the weight b a tensor with contiguous columns. For the step loops, which would
-// otherwise make an ATen view per operand and step (~0.5 us each, tens of them per VRNN step).
-// The widths are b's: the callers check their buffers against them once (check_product).
 // TORCH_CHECK that a product by w (in, out) reads rows of `in` units and fits rows of `out` units
 inline void check_product(const Tensor& w, int64_t in, int64_t out, const char* what) {
   TORCH_CHECK(w.dim() == 2 && w.size(0) == in && w.size(1) <= out, "seqvae fused kernel: the ", what,
               " product's weight (in, out) does not match its buffers");
 }
 
+// gemm_nn on raw rows: c (m, n) = a (m, k) b (k, n) (+ c where add), each given by its first row
+// and row stride; the weight b a tensor with contiguous columns. For the step loops, which would
+// otherwise make an ATen view per operand and step (~0.5 us each, tens of them per VRNN step).
+// The widths are b's: the callers check their buffers against them once (check_product).
 template <typename T>
 inline void gemm_rows(int64_t m, const T* a, int64_t lda, const Tensor& b, T* c, int64_t ldc, bool add = false) {
   const int64_t k = b.size(0), n = b.size(1);
@@ -380,12 +380,20 @@ inline void relu_grad(T* dst, const T* g, const T* act, int64_t n) {
   SEQVAE_UNITS(j, n, { dst[j] = act[j] > T(0) ? g[j] : T(0); });
 }
 
-// y = relu(y + bias) over the rows of y (rows, units), in place (the product before it wrote x w^T)
+// s (double) += the column sums of `rows` rows of d units from p (row stride ld): summed in T over
+// tiles of 8 rows (in acc, d wide), each tile's sums added in double (one conversion per 8 rows:
+// summing each row in double ran ~1.7x slower)
 template <typename T>
-inline void bias_relu(const Tensor& y, const Tensor& bias) {
-  const Mat<T> ys(y);
-  const T* b = bias.data_ptr<T>();
-  for (int64_t i = 0; i < y.size(0); ++i) bias_row<T>(ys.at(i), b, y.size(1), true);
+inline void add_rows(double* s, const T* p, int64_t ld, int64_t rows, int64_t d, T* acc) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+    const T* first = p + i0 * ld;
+    SEQVAE_UNITS(j, d, { acc[j] = first[j]; });
+    for (int64_t i = i0 + 1; i < std::min(i0 + 8, rows); ++i) {
+      const T* row = p + i * ld;
+      SEQVAE_UNITS(j, d, { acc[j] += row[j]; });
+    }
+    add_row<T>(s, acc, d);
+  }
 }
 
 // log(u) for a positive normal float u by a Cephes-style polynomial (relative error ~2e-7),
@@ -555,22 +563,11 @@ inline void accumulate(Tensor& dst, const Tensor& a, const Tensor& b) {
   dst.addmm_(a.reshape({-1, a.size(-1)}).t(), b.reshape({-1, b.size(-1)}));
 }
 
-// sum (double) += the column sums of step k's r rows of q, over sum's width (q's first columns):
-// summed in T over tiles of 8 rows (in acc, as wide), each tile's sums added in double (as in
-// grad_colsum: one conversion per 8 rows)
+// sum (double) += the column sums of step k's r rows of q, over sum's width (q's first columns;
+// acc: add_rows' tile, as wide)
 template <typename T>
 inline void colsums(const Seq<T>& q, int64_t k, int64_t r, const Tensor& sum, T* acc) {
-  double* s = sum.data_ptr<double>();
-  const int64_t d = sum.numel();
-  for (int64_t i0 = 0; i0 < r; i0 += 8) {
-    const T* first = q.at(k, i0);
-    SEQVAE_UNITS(j, d, { acc[j] = first[j]; });
-    for (int64_t i = i0 + 1; i < std::min(i0 + 8, r); ++i) {
-      const T* row = q.at(k, i);
-      SEQVAE_UNITS(j, d, { acc[j] += row[j]; });
-    }
-    add_row<T>(s, acc, d);
-  }
+  add_rows<T>(sum.data_ptr<double>(), q.at(k, 0), q.sr, r, sum.numel(), acc);
 }
 
 // The VRNN's steps [s0, s0 + n) in reverse for one block of rows (fused.py _vrnn_backward): the
@@ -898,8 +895,7 @@ void bias_act(Tensor y, const Tensor& bias, bool relu) {
 
 // g (rows, units) *= (act > 0) where act is given (ReLU's backward through its output act), in
 // place or into `out` (g then unchanged); returns the result's column sums (the bias's gradient),
-// in g's dtype. One pass: the rows in tiles of 8, summed in g's dtype, each tile's sums added in
-// double (one conversion per 8 rows: summing each row in double ran ~1.7x slower).
+// in g's dtype. One pass: 8 rows at a time, then their sums (add_rows) while they are in cache.
 Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act, const c10::optional<Tensor>& out) {
   TORCH_CHECK(g.dim() == 2 && (!act.has_value() || act->sizes() == g.sizes()) &&
                   (!out.has_value() || (out->sizes() == g.sizes() && out->scalar_type() == g.scalar_type())),
@@ -924,20 +920,16 @@ Tensor grad_colsum(Tensor g, const c10::optional<Tensor>& act, const c10::option
         double* s = part + k * d;
         const int64_t i1 = n * (k + 1) / parts;
         for (int64_t i0 = n * k / parts; i0 < i1; i0 += 8) {
-          for (int64_t i = i0; i < std::min(i0 + 8, i1); ++i) {
+          const int64_t i8 = std::min(i0 + 8, i1);
+          for (int64_t i = i0; i < i8; ++i) {
             scalar_t* r = ds.at(i);
             if (as) {
               relu_grad<scalar_t>(r, gs.at(i), as->at(i), d);
             } else if (r != gs.at(i)) {
               std::memcpy(r, gs.at(i), d * sizeof(scalar_t));
             }
-            if (i == i0) {
-              SEQVAE_UNITS(j, d, { acc[j] = r[j]; });
-            } else {
-              SEQVAE_UNITS(j, d, { acc[j] += r[j]; });
-            }
           }
-          add_row<scalar_t>(s, acc, d);
+          add_rows<scalar_t>(s, ds.at(i0), ds.sr, i8 - i0, d, acc);
         }
       }
     });
